@@ -1,0 +1,1 @@
+"""Torch modules and their loaders. Knows nothing of Prefect or storage."""
