@@ -1,0 +1,50 @@
+"""Per stage: how many items are done, stale, missing or failed, and why (from the ledger)."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from storage import Ledger
+from tasks.catalog import read_catalog
+from tasks.config import Config
+from tasks.stage import plan
+
+# Each stage module that plans work exposes work_items(cfg, catalog) -> list[WorkItem].
+STAGE_MODULES: list[str] = []
+
+
+def stage_work_items(cfg: Config, catalog) -> dict[str, list]:
+    import importlib
+
+    out = {}
+    for name in STAGE_MODULES:
+        mod = importlib.import_module(name)
+        out[mod.STAGE] = mod.work_items(cfg, catalog)
+    return out
+
+
+def status(cfg: Config) -> dict[str, Any]:
+    ledger = Ledger(cfg.ledger_url, cfg.storage.storage_options)
+    report: dict[str, Any] = {"workdir": str(cfg.workdir), "stages": {}}
+    if not cfg.catalog_path.exists():
+        report["stages"]["catalog"] = {"done": 0, "stale": 0, "missing": 1, "failed": 0, "items": [
+            {"item": "catalog", "state": "missing", "reasons": ["catalog not built yet: run `audioscenic run CONFIG`"]}]}
+        return report
+    catalog = read_catalog(cfg.catalog_path)
+    report["stages"]["catalog"] = {
+        "done": 1, "stale": 0, "missing": 0, "failed": 0,
+        "videos": sum(e["media"] == "video" for e in catalog.entries),
+        "audio": sum(e["media"] == "audio" for e in catalog.entries),
+        "issues": [str(i) for i in catalog.issues],
+    }
+    for stage, items in stage_work_items(cfg, catalog).items():
+        entries = plan(items, ledger)
+        counts = Counter(e.state for e in entries)
+        report["stages"][stage] = {
+            **{s: counts.get(s, 0) for s in ("done", "stale", "missing", "failed")},
+            "items": [
+                {"item": e.item.item_id, "state": e.state, "reasons": list(e.reasons)}
+                for e in entries if e.state != "done"
+            ],
+        }
+    return report

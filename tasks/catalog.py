@@ -1,0 +1,375 @@
+"""Catalogs: what videos and audio clips exist, with ids, labels and content hashes.
+
+Scans DAVIS (JPEGImages/480p/<seq>/ frames, optional Annotations/480p/<seq>/
+palette masks, optional ImageSets/2017/{train,val}.txt), ESC-50 (audio/*.wav +
+meta/esc50.csv) and plain folders (video files, frame folders, audio files of
+any common format, detected by content). The result is one Parquet table; a bad
+item becomes a `CatalogIssue` naming it, and the rest of the catalog is intact.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+
+from storage import Ledger, StageKey
+from storage.hashing import hash_file, hash_files
+from tasks.ids import is_valid_utf8_name, unique_ids
+from tasks.media import (
+    AUDIO_EXTENSIONS,
+    FRAME_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    MediaError,
+    frame_files,
+    probe_audio,
+    probe_frame_folder,
+    probe_video_file,
+)
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("media", pa.string()),  # "video" | "audio"
+        ("kind", pa.string()),  # "frames" | "video_file" | "audio_file"
+        ("source", pa.string()),  # "davis" | "esc50" | "folder"
+        ("name", pa.string()),  # original name (sequence or file name)
+        ("path", pa.string()),
+        ("label", pa.string()),  # DAVIS: object words of the sequence; ESC-50: category
+        ("content_hash", pa.string()),
+        ("annotations_path", pa.string()),
+        ("annotations_hash", pa.string()),
+        ("num_frames", pa.int64()),
+        ("fps", pa.float64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("duration_s", pa.float64()),
+        ("sample_rate", pa.int64()),
+        ("channels", pa.int64()),
+        ("format", pa.string()),
+        ("split", pa.string()),
+        ("meta", pa.string()),  # JSON: source-specific fields (ESC-50 fold, target, ...)
+    ]
+)
+ESC50_COLUMNS = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
+Progress = Callable[[str], None] | None
+
+
+@dataclass(frozen=True)
+class CatalogIssue:
+    item: str
+    path: str
+    problem: str
+    severity: str = "error"  # "error": item left out; "warning": item kept
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.item}: {self.problem} ({self.path})"
+
+
+@dataclass
+class Catalog:
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    issues: list[CatalogIssue] = field(default_factory=list)
+
+    def extend(self, other: "Catalog") -> None:
+        self.entries.extend(other.entries)
+        self.issues.extend(other.issues)
+
+    @property
+    def errors(self) -> list[CatalogIssue]:
+        return [i for i in self.issues if i.severity == "error"]
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pylist(self.entries, schema=CATALOG_SCHEMA)
+
+    def by_id(self, media: str) -> dict[str, dict[str, Any]]:
+        return {e["id"]: e for e in self.entries if e["media"] == media}
+
+
+def _entry(**fields: Any) -> dict[str, Any]:
+    row = {name: None for name in CATALOG_SCHEMA.names}
+    row.update(fields)
+    if isinstance(row["meta"], dict):
+        row["meta"] = json.dumps(row["meta"], sort_keys=True)
+    return row
+
+
+def _name_ok(path: Path, catalog: Catalog) -> bool:
+    if is_valid_utf8_name(path.name):
+        return True
+    shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+    catalog.issues.append(CatalogIssue(shown, shown, "file name is not valid UTF-8; rename it to include it"))
+    return False
+
+
+def _video_entry(path: Path, source: str, label: str | None, *, annotations: Path | None = None, split: str | None = None) -> dict[str, Any]:
+    if path.is_dir():
+        info = probe_frame_folder(path)
+        content = hash_files((f.name, f) for f in frame_files(path))
+        kind = "frames"
+    else:
+        info = probe_video_file(path)
+        content = hash_file(path)
+        kind = "video_file"
+    ann_hash = None
+    if annotations is not None:
+        ann_hash = hash_files((f.name, f) for f in frame_files(annotations))
+    return _entry(
+        media="video", kind=kind, source=source, name=path.name, path=str(path), label=label,
+        content_hash=content, annotations_path=str(annotations) if annotations else None,
+        annotations_hash=ann_hash, num_frames=info.num_frames, fps=info.fps, width=info.width,
+        height=info.height, duration_s=info.duration_s, format=info.format, split=split,
+    )
+
+
+def _audio_entry(path: Path, source: str, label: str | None, meta: dict | None = None) -> dict[str, Any]:
+    info = probe_audio(path)
+    return _entry(
+        media="audio", kind="audio_file", source=source, name=path.name, path=str(path), label=label,
+        content_hash=hash_file(path), num_frames=None, duration_s=info.duration_s,
+        sample_rate=info.sample_rate, channels=info.channels, format=info.format, meta=meta,
+    )
+
+
+def _label_from_name(name: str) -> str:
+    return " ".join(Path(name).stem.replace("_", " ").replace("-", " ").split())
+
+
+def scan_davis(root: str | Path, split: str | None = None, sequences: Iterable[str] | None = None, progress: Progress = None) -> Catalog:
+    root = Path(root)
+    cat = Catalog()
+    frames_root = root / "JPEGImages" / "480p"
+    if not frames_root.is_dir():
+        cat.issues.append(CatalogIssue(str(root), str(frames_root), "not a DAVIS folder: JPEGImages/480p is missing"))
+        return cat
+    splits: dict[str, str] = {}
+    for s in ("train", "val"):
+        f = root / "ImageSets" / "2017" / f"{s}.txt"
+        if f.is_file():
+            for line in f.read_text(errors="replace").splitlines():
+                if line.strip():
+                    splits[line.strip()] = s
+    wanted = set(sequences) if sequences is not None else None
+    for seq in sorted(p for p in frames_root.iterdir() if p.is_dir()):
+        if not _name_ok(seq, cat):
+            continue
+        if wanted is not None and seq.name not in wanted:
+            continue
+        if split is not None and splits.get(seq.name) != split:
+            continue
+        if progress:
+            progress(seq.name)
+        ann = root / "Annotations" / "480p" / seq.name
+        ann = ann if ann.is_dir() else None
+        try:
+            e = _video_entry(seq, "davis", _label_from_name(seq.name), annotations=ann, split=splits.get(seq.name))
+        except MediaError as err:
+            cat.issues.append(CatalogIssue(seq.name, err.path, err.problem))
+            continue
+        except OSError as err:
+            cat.issues.append(CatalogIssue(seq.name, str(seq), f"cannot be read ({err})"))
+            continue
+        if ann is not None:
+            n_ann = len(frame_files(ann))
+            if n_ann != e["num_frames"]:
+                cat.issues.append(CatalogIssue(seq.name, str(ann), f"has {n_ann} annotation masks for {e['num_frames']} frames", "warning"))
+        cat.entries.append(e)
+    if wanted is not None:
+        for missing in sorted(wanted - {e["name"] for e in cat.entries} - {i.item for i in cat.issues}):
+            cat.issues.append(CatalogIssue(missing, str(frames_root / missing), "sequence listed in the config is not in the dataset"))
+    return cat
+
+
+def scan_esc50(root: str | Path, progress: Progress = None) -> Catalog:
+    root = Path(root)
+    cat = Catalog()
+    meta, audio_dir = root / "meta" / "esc50.csv", root / "audio"
+    if not meta.is_file() or not audio_dir.is_dir():
+        cat.issues.append(CatalogIssue(str(root), str(meta), "not an ESC-50 folder: meta/esc50.csv or audio/ is missing"))
+        return cat
+    with open(meta, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        missing_cols = [c for c in ESC50_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing_cols:
+            cat.issues.append(CatalogIssue(str(meta), str(meta), f"lacks column(s) {', '.join(missing_cols)}"))
+            return cat
+        rows = list(reader)
+    listed = set()
+    for lineno, row in enumerate(rows, start=2):
+        fname = (row.get("filename") or "").strip()
+        item = fname or f"esc50.csv line {lineno}"
+        if not fname or Path(fname).name != fname or fname in (".", ".."):
+            cat.issues.append(CatalogIssue(item, str(meta), f"line {lineno}: filename {fname!r} is not a plain file name"))
+            continue
+        listed.add(fname)
+        path = audio_dir / fname
+        if not path.is_file():
+            cat.issues.append(CatalogIssue(fname, str(path), f"listed in meta/esc50.csv (line {lineno}) but the file is missing"))
+            continue
+        if progress:
+            progress(fname)
+        category = (row.get("category") or "").strip()
+        meta_fields = {
+            "fold": _int_or_none(row.get("fold")),
+            "target": _int_or_none(row.get("target")),
+            "esc10": (row.get("esc10") or "").strip().lower() == "true",
+            "src_file": row.get("src_file"),
+            "take": row.get("take"),
+        }
+        try:
+            cat.entries.append(_audio_entry(path, "esc50", category.replace("_", " ") or None, meta_fields))
+        except MediaError as err:
+            cat.issues.append(CatalogIssue(fname, err.path, err.problem))
+    for p in sorted(audio_dir.iterdir()):
+        if p.is_file() and p.name not in listed and is_valid_utf8_name(p.name) and p.suffix.lower() in AUDIO_EXTENSIONS:
+            cat.issues.append(CatalogIssue(p.name, str(p), "is not listed in meta/esc50.csv; left out", "warning"))
+    return cat
+
+
+def _int_or_none(v: Any) -> int | None:
+    try:
+        return int(str(v).strip())
+    except (TypeError, ValueError):
+        return None
+
+
+def scan_folder(root: str | Path, media: str, progress: Progress = None) -> Catalog:
+    """Plain folder: video files and frame folders (media='video'), or audio files (media='audio')."""
+    root = Path(root)
+    cat = Catalog()
+    if not root.is_dir():
+        cat.issues.append(CatalogIssue(str(root), str(root), "folder does not exist"))
+        return cat
+    for p in sorted(root.iterdir()):
+        if not _name_ok(p, cat):
+            continue
+        try:
+            if media == "video":
+                if p.is_dir() and any(f.suffix.lower() in FRAME_EXTENSIONS for f in p.iterdir()):
+                    if progress:
+                        progress(p.name)
+                    cat.entries.append(_video_entry(p, "folder", _label_from_name(p.name)))
+                elif p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS:
+                    if progress:
+                        progress(p.name)
+                    cat.entries.append(_video_entry(p, "folder", _label_from_name(p.name)))
+            elif media == "audio":
+                if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS:
+                    if progress:
+                        progress(p.name)
+                    cat.entries.append(_audio_entry(p, "folder", _label_from_name(p.name)))
+            else:
+                raise ValueError(f"media must be 'video' or 'audio', not {media!r}")
+        except MediaError as err:
+            cat.issues.append(CatalogIssue(p.name, err.path, err.problem))
+        except OSError as err:
+            cat.issues.append(CatalogIssue(p.name, str(p), f"cannot be read ({err})"))
+    return cat
+
+
+def assign_ids(cat: Catalog) -> Catalog:
+    """Give every entry a safe id, unique within its media type; renames become warnings."""
+    for media in ("video", "audio"):
+        entries = [e for e in cat.entries if e["media"] == media]
+        raw = [Path(e["name"]).stem if e["kind"] != "frames" else e["name"] for e in entries]
+        ids, _ = unique_ids(raw)
+        for e, i, r in zip(entries, ids, raw):
+            e["id"] = i
+            if i != r:
+                cat.issues.append(CatalogIssue(e["name"], e["path"], f"catalogued with id {i!r}", "warning"))
+    return cat
+
+
+def scan_source(kind: str, root: str | Path, media: str, split: str | None = None, include: Iterable[str] | None = None, progress: Progress = None) -> Catalog:
+    if kind == "davis":
+        return scan_davis(root, split=split, sequences=include, progress=progress)
+    if kind == "esc50":
+        return scan_esc50(root, progress=progress)
+    if kind == "folder":
+        return scan_folder(root, media, progress=progress)
+    raise ValueError(f"unknown catalog source kind {kind!r} (expected davis, esc50 or folder)")
+
+
+def build_catalog(sources: Iterable[dict[str, Any]], progress: Progress = None) -> Catalog:
+    """sources: dicts with kind, root, media and optional split/include."""
+    cat = Catalog()
+    for s in sources:
+        cat.extend(scan_source(s["kind"], s["root"], s["media"], s.get("split"), s.get("include"), progress))
+    return assign_ids(cat)
+
+
+def write_catalog(cat: Catalog, path: str | Path) -> Path:
+    """Parquet of entries, plus a JSON of issues beside it; both written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(cat.table(), tmp)
+    os.replace(tmp, path)
+    issues = path.with_suffix(".issues.json")
+    tmp = issues.with_name(f".{issues.name}.tmp")
+    tmp.write_text(json.dumps([asdict(i) for i in cat.issues], indent=1))
+    os.replace(tmp, issues)
+    return path
+
+
+def read_catalog(path: str | Path) -> Catalog:
+    path = Path(path)
+    table = pq.read_table(path, schema=CATALOG_SCHEMA)
+    issues_path = path.with_suffix(".issues.json")
+    issues = [CatalogIssue(**d) for d in json.loads(issues_path.read_text())] if issues_path.exists() else []
+    return Catalog(entries=table.to_pylist(), issues=issues)
+
+
+# -- the stage: config in, catalog Parquet + ledger row out -------------------
+CATALOG_CODE_VERSION = "1"
+
+
+def catalog_sources(cfg) -> list[dict[str, Any]]:
+    out = []
+    for media, sources in (("video", cfg.catalogs.videos), ("audio", cfg.catalogs.audio)):
+        for s in sources:
+            out.append({"kind": s.kind, "root": s.root, "media": media, "split": s.split, "include": s.include})
+    return out
+
+
+def update_catalog(cfg, progress: Progress = None) -> Catalog:
+    """Scan the configured sources, write the catalog, record it in the ledger."""
+    started = time.time()
+    cat = build_catalog(catalog_sources(cfg), progress=progress)
+    path = write_catalog(cat, cfg.catalog_path)
+    key = StageKey.build(
+        "catalog", CATALOG_CODE_VERSION, {"sources": catalog_sources(cfg)},
+        inputs={f"{e['media']}/{e['id']}": e["content_hash"] for e in cat.entries},
+    )
+    ledger = Ledger(cfg.ledger_url, cfg.storage.storage_options)
+    previous = ledger.latest("catalog").get("catalog")
+    if previous is not None and previous["key"] == key.key:
+        return cat  # unchanged: nothing new to record
+    ledger.append(
+        [dict(stage="catalog", item_id="catalog", key=key.key, code_version=key.code_version,
+              params_hash=key.params_hash, inputs_hash=key.inputs_hash, uri=str(path), started_at=started)]
+    )
+    return cat
+
+
+@task(name="catalog")
+def catalog_task(cfg) -> dict[str, Any]:
+    """Prefect task: build the catalog and return a small summary (never the data)."""
+    logger = get_run_logger()
+    cat = update_catalog(cfg)
+    for issue in cat.issues:
+        (logger.warning if issue.severity == "warning" else logger.error)(str(issue))
+    return {
+        "path": str(cfg.catalog_path),
+        "videos": sum(e["media"] == "video" for e in cat.entries),
+        "audio": sum(e["media"] == "audio" for e in cat.entries),
+        "errors": len(cat.errors),
+    }

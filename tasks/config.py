@@ -1,0 +1,186 @@
+"""The one YAML config that drives every flow, validated with pydantic.
+
+Relative paths are resolved against the config file's folder. Unknown fields
+are errors (a typo must not silently fall back to a default), and every error
+names the field, e.g. ``stages.audio.temperature: Input should be greater than 0``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CatalogSource(_Strict):
+    kind: Literal["davis", "esc50", "folder"]
+    root: Path
+    split: Literal["train", "val"] | None = None  # DAVIS only
+    include: list[str] | None = None  # DAVIS: only these sequences
+
+
+class CatalogsConfig(_Strict):
+    videos: list[CatalogSource] = Field(default_factory=list)
+    audio: list[CatalogSource] = Field(default_factory=list)
+
+
+class StorageConfig(_Strict):
+    store: str | None = None  # Zarr store: folder or fsspec URL; default <workdir>/store.zarr
+    ledger: str | None = None  # ledger folder or URL; default <workdir>/ledger
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelPaths(_Strict):
+    """Local weights. With preset 'tiny' none are needed; with 'paper' all of them are."""
+
+    imagebind: Path | None = None  # imagebind_huge.pth
+    base: Path | None = None  # diffusers folder of SD 2.1 unCLIP H
+    controlnet: Path | None = None  # diffusers folder of the depth ControlNet
+    grounding_dino: Path | None = None
+    sam: Path | None = None
+    xmem: Path | None = None  # XMem.pth
+    depth: Path | None = None  # dpt-hybrid-midas folder
+    clip: Path | None = None  # clip-vit-large-patch14 folder
+
+
+class ModelsConfig(_Strict):
+    preset: Literal["tiny", "paper"] = "tiny"
+    paths: ModelPaths = Field(default_factory=ModelPaths)
+    device: str = "cpu"
+    seed: int = 0
+
+
+class AudioStageConfig(_Strict):
+    num_frames: int = Field(8, gt=0)  # N: frames per edited video, so magnitude/mel have N rows
+    temperature: float = Field(0.25, gt=0)
+    n_mels: int = Field(128, gt=0)
+    batch_size: int = Field(16, gt=0)
+    code_version: str = "1"
+
+
+class StagesConfig(_Strict):
+    audio: AudioStageConfig = Field(default_factory=AudioStageConfig)
+
+
+class Config(_Strict):
+    workdir: Path = Path("work")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    catalogs: CatalogsConfig = Field(default_factory=CatalogsConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir_not_empty(cls, v: Path) -> Path:
+        if str(v).strip() == "":
+            raise ValueError("must not be empty")
+        return v
+
+    # -- derived locations -------------------------------------------------
+    @property
+    def store_url(self) -> str:
+        return self.storage.store or str(self.workdir / "store.zarr")
+
+    @property
+    def ledger_url(self) -> str:
+        return self.storage.ledger or str(self.workdir / "ledger")
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.workdir / "catalog" / "catalog.parquet"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.workdir / "outputs"
+
+    def missing_weights(self) -> list[str]:
+        """With the paper preset: each configured model path that is unset or absent."""
+        if self.models.preset != "paper":
+            return []
+        out = []
+        for name, value in self.models.paths.model_dump().items():
+            if value is None:
+                out.append(f"models.paths.{name}: not set")
+            elif not Path(value).exists():
+                out.append(f"models.paths.{name}: '{value}' does not exist")
+        return out
+
+    def require_weights(self) -> None:
+        missing = self.missing_weights()
+        if missing:
+            raise ConfigError(
+                "the 'paper' preset needs local weights (nothing is downloaded); fill in the config:\n  "
+                + "\n  ".join(missing)
+                + "\nSee README 'Bringing real weights'."
+            )
+
+
+def _resolve(obj: Any, base: Path) -> Any:
+    """Make every Path (and local store/ledger string) absolute relative to `base`."""
+    if isinstance(obj, BaseModel):
+        updates = {}
+        for name in type(obj).model_fields:
+            value = getattr(obj, name)
+            new = _resolve(value, base)
+            if name in ("store", "ledger") and isinstance(value, str) and "://" not in value:
+                new = str((base / value).resolve()) if not os.path.isabs(value) else value
+            if new is not value:
+                updates[name] = new
+        return obj.model_copy(update=updates) if updates else obj
+    if isinstance(obj, Path):
+        p = obj.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+    if isinstance(obj, list):
+        new = [_resolve(v, base) for v in obj]
+        return new if any(a is not b for a, b in zip(new, obj)) else obj
+    return obj
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check its spelling and its section)"
+        lines.append(f"  {loc}: {msg}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any] | None, base_dir: str | Path = ".", source: str = "<dict>") -> Config:
+    try:
+        cfg = Config.model_validate(data or {})
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+    return _resolve(cfg, Path(base_dir).resolve())
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read YAML safely (no arbitrary objects), apply dotted overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = dict(data or {})
+    for dotted, value in (overrides or {}).items():
+        node = data
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return config_from_dict(data, path.parent, str(path))

@@ -1,0 +1,147 @@
+"""What every stage shares: work items, planning against the ledger, running a batch.
+
+A stage turns catalog items into artifacts. Each work item carries its full
+cache key (DESIGN 4), so planning is a lookup: the ledger's latest row for the
+item either has the same key (done), a failure under the same key (failed), a
+different key (stale, with the reasons), or nothing (missing). Running a batch
+writes each artifact through the store's commit protocol, records one ledger
+fragment for the whole batch, and never lets one bad item stop the others.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage import ArtifactStore, Ledger, StageKey
+from storage.artifacts import ArtifactWriter
+
+log = logging.getLogger("audioscenic")
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    stage: str
+    item_id: str  # ledger id, e.g. "dog-1" or "bear/dog-1"
+    artifact: str  # Zarr group path, e.g. "audio/dog-1"
+    key: StageKey
+    video_id: str | None = None
+    audio_id: str | None = None
+    variant: str | None = None
+    payload: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # small: paths, labels
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    item: WorkItem
+    state: str  # "done" | "stale" | "missing" | "failed"
+    reasons: tuple[str, ...] = ()
+
+
+def plan(items: Sequence[WorkItem], ledger: Ledger) -> list[PlanEntry]:
+    """Classify items from the ledger alone (one read per stage, no artifact access)."""
+    latest: dict[str, dict[str, dict[str, Any]]] = {}
+    out = []
+    for item in items:
+        if item.stage not in latest:
+            latest[item.stage] = ledger.latest(item.stage)
+        row = latest[item.stage].get(item.item_id)
+        if row is None:
+            out.append(PlanEntry(item, "missing", ("never run",)))
+        elif row["key"] == item.key.key:
+            if row["status"] == "done":
+                out.append(PlanEntry(item, "done"))
+            else:
+                out.append(PlanEntry(item, "failed", (f"last run failed: {row['error']}",)))
+        else:
+            reasons = item.key.diff(
+                code_version=row["code_version"] or "",
+                params_hash=row["params_hash"] or "",
+                inputs_hash=row["inputs_hash"] or "",
+                upstream=json.loads(row["upstream_keys"] or "{}"),
+            )
+            out.append(PlanEntry(item, "stale", tuple(reasons or ["key changed"])))
+    return out
+
+
+def todo(entries: Iterable[PlanEntry]) -> list[WorkItem]:
+    return [e.item for e in entries if e.state != "done"]
+
+
+@dataclass
+class BatchResult:
+    computed: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)  # found complete in the store (e.g. after a crash)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def merge(self, other: "BatchResult") -> "BatchResult":
+        self.computed += other.computed
+        self.adopted += other.adopted
+        self.failed.update(other.failed)
+        return self
+
+
+Compute = Callable[[WorkItem, ArtifactWriter], None]
+
+
+def _row(item: WorkItem, store: ArtifactStore, status: str, started: float, run_id: str | None, error: str | None = None) -> dict[str, Any]:
+    return dict(
+        stage=item.stage, item_id=item.item_id, video_id=item.video_id, audio_id=item.audio_id,
+        variant=item.variant, key=item.key.key, code_version=item.key.code_version,
+        params_hash=item.key.params_hash, inputs_hash=item.key.inputs_hash,
+        upstream_keys=item.key.upstream_json(), uri=store.uri(item.artifact), status=status,
+        error=error, started_at=started, finished_at=time.time(), run_id=run_id,
+    )
+
+
+def run_items(
+    items: Sequence[WorkItem],
+    store: ArtifactStore,
+    ledger: Ledger,
+    compute: Compute,
+    run_id: str | None = None,
+    progress: Callable[[WorkItem, str], None] | None = None,
+    rows_per_fragment: int = 64,
+) -> BatchResult:
+    """Compute each item into its artifact; bad items are recorded as failed and skipped.
+
+    Ledger rows are flushed every `rows_per_fragment` items and at the end, so a
+    crash loses at most the rows of unfinished work; artifacts committed before
+    a crash are adopted (not recomputed) on the next run.
+    """
+    run_id = run_id or uuid.uuid4().hex
+    result, pending = BatchResult(), []
+    for item in items:
+        started = time.time()
+        if store.is_complete(item.artifact, item.key.key):
+            pending.append(_row(item, store, "done", started, run_id))
+            result.adopted.append(item.item_id)
+            state = "adopted"
+        else:
+            try:
+                attrs = {"stage": item.stage, "item_id": item.item_id, "code_version": item.key.code_version}
+                with store.writing(item.artifact, item.key.key, **attrs) as writer:
+                    compute(item, writer)
+            except Exception as e:  # one bad item must not stop the batch
+                msg = f"{type(e).__name__}: {e}"
+                log.error("%s %s failed: %s", item.stage, item.item_id, msg)
+                log.debug("%s", traceback.format_exc())
+                pending.append(_row(item, store, "failed", started, run_id, error=msg))
+                result.failed[item.item_id] = msg
+                state = "failed"
+            else:
+                pending.append(_row(item, store, "done", started, run_id))
+                result.computed.append(item.item_id)
+                state = "computed"
+        if progress:
+            progress(item, state)
+        if len(pending) >= rows_per_fragment:
+            ledger.append(pending)
+            pending = []
+    ledger.append(pending)
+    return result
