@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
@@ -78,13 +78,6 @@ class Config(_Strict):
     catalogs: CatalogsConfig = Field(default_factory=CatalogsConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
-
-    @field_validator("workdir")
-    @classmethod
-    def _workdir_not_empty(cls, v: Path) -> Path:
-        if str(v).strip() == "":
-            raise ValueError("must not be empty")
-        return v
 
     # -- derived locations -------------------------------------------------
     @property

@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine:  make demo  /  make test
+# Both create .venv when it is missing (or when pyproject.toml / constraints.txt changed).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/pip install -c constraints.txt
+
+.PHONY: demo test venv bench clean
+
+$(STAMP): pyproject.toml constraints.txt scripts/cpu_torchaudio.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	$(BIN)/python scripts/cpu_torchaudio.py
+	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/audioscenic demo --workdir work/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf work .pytest_cache
