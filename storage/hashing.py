@@ -97,3 +97,22 @@ def canonical_json(obj: Any) -> str:
 
 def hash_params(obj: Any) -> str:
     return hash_bytes(canonical_json(obj).encode("utf-8"))
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """Cheap identity of a large file (model weights): path, size and mtime, not its bytes.
+
+    Hashing multi-GB checkpoints on every plan would dominate planning time; a
+    replaced weights file changes size or mtime. A folder is fingerprinted by its
+    files' sizes and mtimes.
+    """
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        parts = []
+        for dirpath, _, files in sorted(os.walk(p)):
+            for name in sorted(files):
+                st = os.stat(os.path.join(dirpath, name))
+                parts.append((os.path.relpath(os.path.join(dirpath, name), p), st.st_size, st.st_mtime_ns))
+        return {"path": os.path.abspath(p), "files": parts}
+    st = os.stat(p)
+    return {"path": os.path.abspath(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
