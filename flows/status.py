@@ -7,20 +7,13 @@ from typing import Any
 from storage import Ledger
 from tasks.catalog import read_catalog
 from tasks.config import Config
+from flows.stages import stage_modules
 from tasks.stage import plan
 
-# Each stage module that plans work exposes work_items(cfg, catalog) -> list[WorkItem].
-STAGE_MODULES: list[str] = []
 
 
 def stage_work_items(cfg: Config, catalog) -> dict[str, list]:
-    import importlib
-
-    out = {}
-    for name in STAGE_MODULES:
-        mod = importlib.import_module(name)
-        out[mod.STAGE] = mod.work_items(cfg, catalog)
-    return out
+    return {mod.STAGE: mod.work_items(cfg, catalog) for mod in stage_modules()}
 
 
 def status(cfg: Config) -> dict[str, Any]:

@@ -21,18 +21,31 @@ def test_demo_builds_catalog_and_ledger_once(prefect_server, tmp_path, capsys):
     assert str(work / "store.zarr") in out and str(work / "demo.yaml") in out
     led = Ledger(work / "ledger")
     assert led.read(stage="catalog").num_rows == 1
+    assert led.read(stage="audio").num_rows == 4
     # A second run with nothing changed records nothing new.
     assert main(["run", str(work / "demo.yaml")]) == 0
+    assert "audio: 0 computed, 4 already done, 0 failed" in capsys.readouterr().out
     assert led.read(stage="catalog").num_rows == 1
-    # A changed clip changes the catalog key: one new row.
+    assert led.read(stage="audio").num_rows == 4
+    # A changed clip changes the catalog key (one new row) and that clip's features only.
     clip = sorted((work / "data/esc50/audio").glob("*.wav"))[0]
     clip.write_bytes(clip.read_bytes()[:-2] + b"\x01\x02")
     assert main(["run", str(work / "demo.yaml")]) == 0
+    assert "audio: 1 computed, 3 already done, 0 failed" in capsys.readouterr().out
     assert led.read(stage="catalog").num_rows == 2
+    assert led.read(stage="audio", item_ids=[clip.stem]).num_rows == 2
+    assert led.read(stage="audio").num_rows == 5
     capsys.readouterr()
     assert main(["status", str(work / "demo.yaml"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["stages"]["catalog"]["videos"] == 2 and report["stages"]["catalog"]["audio"] == 4
+    assert {k: report["stages"]["audio"][k] for k in ("done", "stale", "missing", "failed")} == \
+        {"done": 4, "stale": 0, "missing": 0, "failed": 0}
+    # A parameter change makes every clip stale, and status says why.
+    assert main(["status", str(work / "demo.yaml"), "--json", "--set", "stages.audio.temperature=0.5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stages"]["audio"]["stale"] == 4
+    assert {tuple(i["reasons"]) for i in report["stages"]["audio"]["items"]} == {("parameters changed",)}
 
 
 def test_run_refuses_bad_config(tmp_path, capsys):

@@ -1,0 +1,55 @@
+"""Turn a stage's plan into Prefect work: batches, bounded concurrency, a summary."""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from storage import Ledger
+from tasks.stage import PlanEntry, WorkItem, plan
+
+
+def make_batches(items: Sequence[WorkItem], batch_size: int) -> list[list[WorkItem]]:
+    """Batches never mix videos (a batch shares one loaded video state), at most batch_size items."""
+    by_video: dict[str | None, list[WorkItem]] = defaultdict(list)
+    for it in items:
+        by_video[it.video_id].append(it)
+    out = []
+    for group in by_video.values():
+        for i in range(0, len(group), batch_size):
+            out.append(group[i : i + batch_size])
+    return out
+
+
+def summarize_plan(entries: Sequence[PlanEntry]) -> dict[str, int]:
+    counts = {"done": 0, "stale": 0, "missing": 0, "failed": 0}
+    for e in entries:
+        counts[e.state] += 1
+    return counts
+
+
+def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1) -> dict[str, Any]:
+    """Plan one stage from the ledger and submit one Prefect task per batch of its todo items."""
+    items = mod.work_items(cfg, catalog)
+    entries = plan(items, ledger)
+    todo = [e.item for e in entries if e.state != "done"]
+    summary: dict[str, Any] = {"planned": summarize_plan(entries), "computed": 0, "adopted": 0,
+                               "skipped": len(items) - len(todo), "failed": {}}
+    if not todo:
+        return summary
+    batch_size = getattr(getattr(cfg.stages, mod.STAGE, None), "batch_size", 16)
+    pending = []
+    for batch in make_batches(todo, batch_size):
+        # Bounded concurrency: wait for the oldest batch before submitting past the bound.
+        if len(pending) >= max_concurrency:
+            _merge(summary, pending.pop(0).result())
+        pending.append(mod.stage_task.submit(cfg, batch))
+    for fut in pending:
+        _merge(summary, fut.result())
+    return summary
+
+
+def _merge(summary: dict[str, Any], result: dict[str, Any]) -> None:
+    summary["computed"] += len(result.get("computed", []))
+    summary["adopted"] += len(result.get("adopted", []))
+    summary["failed"].update(result.get("failed", {}))

@@ -1,0 +1,24 @@
+"""The stage registry: which task modules make up the pipeline, in dependency order.
+
+Every module listed here exposes STAGE, CODE_VERSION, work_items(cfg, catalog),
+run_batch(cfg, items, store, ledger, progress=None) and a Prefect task
+`stage_task(cfg, items)`. A module that is not importable yet (a stage still
+being built) is simply not part of the pipeline.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+PIPELINE = [
+    "tasks.audio",
+]
+
+
+def stage_modules() -> list[ModuleType]:
+    mods = []
+    for name in PIPELINE:
+        mod = importlib.import_module(name)
+        if all(hasattr(mod, a) for a in ("STAGE", "work_items", "run_batch", "stage_task")):
+            mods.append(mod)
+    return mods
