@@ -1,4 +1,9 @@
-"""The end-to-end flow: catalog, then every registered stage, planned from the ledger."""
+"""Flows: the whole pipeline, the grid edit flow, and one flow per preprocessing group.
+
+Every flow reads one YAML config, refreshes the catalog, then runs its stages
+in dependency order; each stage is planned from the ledger, so a flow that
+finds nothing missing or stale does no stage work.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -12,8 +17,7 @@ from tasks.catalog import catalog_task, read_catalog
 from tasks.config import load_config
 
 
-@flow(name="audioscenic-pipeline")
-def pipeline_flow(config_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_stages(config_path: str, overrides: dict[str, Any] | None, only: set[str] | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     cfg = load_config(config_path, overrides)
     summary: dict[str, Any] = {"catalog": catalog_task(cfg)}
@@ -21,6 +25,30 @@ def pipeline_flow(config_path: str, overrides: dict[str, Any] | None = None) -> 
     catalog = read_catalog(cfg.catalog_path)
     ledger = Ledger(cfg.ledger_url, cfg.storage.storage_options)
     for mod in stage_modules():
+        if only is not None and mod.STAGE not in only:
+            continue
         summary[mod.STAGE] = run_stage(mod, cfg, catalog, ledger)
         logger.info("%s: %s", mod.STAGE, {k: v for k, v in summary[mod.STAGE].items() if k != "failed"})
+        for item, err in summary[mod.STAGE]["failed"].items():
+            logger.error("%s %s failed: %s", mod.STAGE, item, err)
     return summary
+
+
+@flow(name="audioscenic-pipeline")
+def pipeline_flow(config_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every stage, for the config's active grid selection."""
+    return run_stages(config_path, overrides)
+
+
+@flow(name="audioscenic-edit-grid")
+def edit_grid_flow(config_path: str, selection: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The grid of the named selection (a subset in the config's `grid.subsets`, or 'all')."""
+    overrides = dict(overrides or {})
+    if selection:
+        overrides["grid.selection"] = selection
+    return run_stages(config_path, overrides)
+
+
+@flow(name="audioscenic-preprocess-audio")
+def preprocess_audio_flow(config_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    return run_stages(config_path, overrides, only={"audio"})

@@ -331,9 +331,12 @@ def work_items(cfg, catalog) -> list:
     sc = cfg.stages.audio
     params = {"num_frames": sc.num_frames, "temperature": sc.temperature, "n_mels": sc.n_mels,
               "model": model_identity(cfg)}
+    from tasks.grid import selected_clips
+
+    wanted = selected_clips(cfg, catalog)
     items = []
     for e in catalog.entries:
-        if e["media"] != "audio":
+        if e["media"] != "audio" or e["id"] not in wanted:
             continue
         key = StageKey.build(STAGE, sc.code_version, params, inputs={"audio": e["content_hash"]})
         items.append(WorkItem(stage=STAGE, item_id=e["id"], artifact=f"audio/{e['id']}", key=key,
