@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -68,8 +68,71 @@ class AudioStageConfig(_Strict):
     code_version: str = "1"
 
 
+class VideoStageConfig(_Strict):
+    """Video preprocessing: frames, masks, depth and latents (tasks.frames/masks/depth/latents)."""
+
+    # XMem's own option names (DESIGN 7); unset ones take XMem's defaults (DESIGN 1).
+    XMEM_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "mem_every", "deep_update_every", "top_k", "min_mid_term_frames", "max_mid_term_frames",
+        "num_prototypes", "max_long_term_elements", "enable_long_term",
+    )
+
+    # Frames: num_frames frames at `stride` from `start`; too few -> the item fails, naming the counts.
+    # Keep num_frames equal to stages.audio.num_frames (one magnitude/mel row per frame).
+    num_frames: int = Field(8, gt=0)
+    stride: int = Field(1, gt=0)
+    start: int = Field(0, ge=0)
+    resolution: int = Field(768, gt=0, multiple_of=8)  # square side after resize + centre crop; /8 for the VAE
+    # Masks: Grounded-SAM + XMem (caption = the catalog label) or the dataset's annotation PNGs.
+    mask_source: Literal["grounded_sam", "dataset"] = "grounded_sam"
+    mask_object_id: int | None = Field(None, ge=1, le=255)  # dataset masks: this object only; None = all objects
+    box_threshold: float = Field(0.35, ge=0, le=1)
+    text_threshold: float = Field(0.25, ge=0, le=1)
+    mask_threshold: float = Field(0.5, gt=0, lt=1)  # XMem foreground probability -> mask
+    xmem: dict[str, int | bool] = Field(default_factory=dict)  # memory options by XMem's names
+    # Depth and latents.
+    depth_dtype: Literal["float16", "float32"] = "float16"
+    depth_batch: int = Field(4, gt=0)  # frames per DPT forward (memory knob, not in the cache key)
+    latent_chunk: int = Field(4, gt=0)  # frames per VAE encode (memory knob, not in the cache key)
+    batch_size: int = Field(16, gt=0)  # videos per Prefect task
+
+    @field_validator("xmem")
+    @classmethod
+    def _known_xmem_options(cls, value: dict[str, int | bool]) -> dict[str, int | bool]:
+        unknown = sorted(set(value) - set(cls.XMEM_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown XMem option(s) {unknown}; known: {list(cls.XMEM_OPTIONS)}")
+        return value
+
+
 class StagesConfig(_Strict):
     audio: AudioStageConfig = Field(default_factory=AudioStageConfig)
+    video: VideoStageConfig = Field(default_factory=VideoStageConfig)
+
+
+class GridSelection(_Strict):
+    """Which (video, clip) pairs to edit. Ids are catalog ids."""
+
+    videos: list[str] | Literal["all"] = "all"
+    audio: list[str] | Literal["all"] = "all"
+    per_class: int | None = Field(None, gt=0)  # keep only the first k clips (by id) of each label
+    pairs: list[tuple[str, str]] | None = None  # explicit (video, clip) pairs; overrides the above
+
+
+class GridConfig(_Strict):
+    selection: str = "all"  # "all" (every video x every clip) or the name of a subset below
+    subsets: dict[str, GridSelection] = Field(default_factory=dict)
+    # Fine-tuning audio per video (DAVIS has no sound): a mapping, else one default clip.
+    source_audio: dict[str, str] = Field(default_factory=dict)
+    default_source_audio: str | None = None
+
+    def active(self) -> GridSelection:
+        if self.selection == "all":
+            return self.subsets.get("all", GridSelection())
+        if self.selection not in self.subsets:
+            known = ", ".join(sorted(self.subsets)) or "none defined"
+            raise ConfigError(f"grid.selection: unknown subset {self.selection!r} (known: {known})")
+        return self.subsets[self.selection]
 
 
 class Config(_Strict):
@@ -78,6 +141,7 @@ class Config(_Strict):
     catalogs: CatalogsConfig = Field(default_factory=CatalogsConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
+    grid: GridConfig = Field(default_factory=GridConfig)
 
     # -- derived locations -------------------------------------------------
     @property
