@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from storage.hashing import canonical_json, hash_bytes, hash_params
@@ -42,11 +43,11 @@ class StageKey:
             upstream=dict(sorted((upstream or {}).items())),
         )
 
-    @property
+    @cached_property  # keys are immutable; planning a large grid reads each many times
     def inputs_hash(self) -> str:
         return hash_bytes(canonical_json(self.inputs).encode())
 
-    @property
+    @cached_property
     def key(self) -> str:
         payload = {
             "stage": self.stage,

@@ -156,16 +156,21 @@ class Ledger:
                 mask = m if mask is None else pc.and_(mask, m)
         return table.filter(mask) if mask is not None else table
 
-    def latest(self, stage: str, status: str | None = None) -> dict[str, dict[str, Any]]:
-        """The most recent row per item of a stage (optionally only rows of one status)."""
+    def latest_table(self, stage: str, status: str | None = None) -> pa.Table:
+        """One row per item of a stage: its most recent (optionally only rows of one status)."""
         table = self.read(stage=stage, status=status)
         if table.num_rows == 0:
-            return {}
-        table = table.sort_by([("item_id", "ascending"), ("finished_at", "ascending")])
-        out: dict[str, dict[str, Any]] = {}
-        for row in table.to_pylist():
-            out[row["item_id"]] = row
-        return out
+            return table
+        table = table.sort_by([("finished_at", "ascending")])
+        last: dict[str, int] = {}
+        for i, item in enumerate(table["item_id"].to_pylist()):
+            last[item] = i  # later rows win
+        return table.take(pa.array(sorted(last.values()), pa.int64()))
+
+    def latest(self, stage: str, status: str | None = None) -> dict[str, dict[str, Any]]:
+        """The most recent row per item of a stage, as dicts keyed by item id."""
+        table = self.latest_table(stage, status)
+        return {row["item_id"]: row for row in table.to_pylist()}
 
     # -- maintenance -------------------------------------------------------
     def compact(self) -> dict[str, int]:

@@ -44,20 +44,29 @@ class PlanEntry:
 
 
 def plan(items: Sequence[WorkItem], ledger: Ledger) -> list[PlanEntry]:
-    """Classify items from the ledger alone (one read per stage, no artifact access)."""
-    latest: dict[str, dict[str, dict[str, Any]]] = {}
+    """Classify items from the ledger alone (one read per stage, no artifact access).
+
+    Only key and status are compared for every item (columnar, fast for large
+    grids); full rows are materialised just for the items that are not done.
+    """
+    latest: dict[str, tuple[dict[str, int], list, list, Any]] = {}
     out = []
     for item in items:
         if item.stage not in latest:
-            latest[item.stage] = ledger.latest(item.stage)
-        row = latest[item.stage].get(item.item_id)
-        if row is None:
+            table = ledger.latest_table(item.stage)
+            index = {iid: i for i, iid in enumerate(table["item_id"].to_pylist())}
+            latest[item.stage] = (index, table["key"].to_pylist(), table["status"].to_pylist(), table)
+        index, keys, statuses, table = latest[item.stage]
+        i = index.get(item.item_id)
+        if i is None:
             out.append(PlanEntry(item, "missing", ("never run",)))
-        elif row["key"] == item.key.key:
-            if row["status"] == "done":
-                out.append(PlanEntry(item, "done"))
-            else:
-                out.append(PlanEntry(item, "failed", (f"last run failed: {row['error']}",)))
+            continue
+        if keys[i] == item.key.key and statuses[i] == "done":
+            out.append(PlanEntry(item, "done"))
+            continue
+        row = table.slice(i, 1).to_pylist()[0]
+        if keys[i] == item.key.key:
+            out.append(PlanEntry(item, "failed", (f"last run failed: {row['error']}",)))
         else:
             reasons = item.key.diff(
                 code_version=row["code_version"] or "",
