@@ -17,6 +17,10 @@ from tasks.catalog import catalog_task, read_catalog
 from tasks.config import load_config
 
 
+# Planning reads every fragment; past a few hundred small files, one merged file is much faster.
+COMPACT_AFTER_FRAGMENTS = 256
+
+
 def run_stages(config_path: str, overrides: dict[str, Any] | None, only: set[str] | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     cfg = load_config(config_path, overrides)
@@ -31,6 +35,8 @@ def run_stages(config_path: str, overrides: dict[str, Any] | None, only: set[str
         logger.info("%s: %s", mod.STAGE, {k: v for k, v in summary[mod.STAGE].items() if k != "failed"})
         for item, err in summary[mod.STAGE]["failed"].items():
             logger.error("%s %s failed: %s", mod.STAGE, item, err)
+    if len(ledger.fragment_paths()) > COMPACT_AFTER_FRAGMENTS:
+        logger.info("ledger compacted: %s", ledger.compact())
     return summary
 
 

@@ -125,7 +125,9 @@ class Ledger:
     def _read_paths(self, paths: list[str]) -> pa.Table:
         if not paths:
             return SCHEMA.empty_table()
-        return ds.dataset(paths, schema=SCHEMA, format="parquet", filesystem=self._pafs).to_table()
+        table = ds.dataset(paths, schema=SCHEMA, format="parquet", filesystem=self._pafs).to_table()
+        # One chunk per fragment makes every later compute call slow; merge them once.
+        return table.combine_chunks()
 
     def read(
         self,
