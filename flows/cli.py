@@ -73,8 +73,9 @@ def _summarise(summary: dict[str, Any], cfg) -> int:
     for stage, s in summary.items():
         if stage == "catalog" or not isinstance(s, dict):
             continue
-        console.print(f"{stage}: {s.get('computed', 0)} computed, {s.get('skipped', 0)} already done, "
-                      f"{len(s.get('failed', {}))} failed")
+        busy = f", {s['busy']} being computed by another worker" if s.get("busy") else ""
+        console.print(f"{stage}: {s.get('computed', 0)} computed, {s.get('skipped', 0) + s.get('adopted', 0)} already done, "
+                      f"{len(s.get('failed', {}))} failed{busy}")
         for item, err in (s.get("failed") or {}).items():
             console.print(f"  [red]failed[/red] {item}: {err}")
         failed += len(s.get("failed") or {})

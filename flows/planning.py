@@ -34,7 +34,7 @@ def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1) -> di
     entries = plan(items, ledger)
     todo = [e.item for e in entries if e.state != "done"]
     summary: dict[str, Any] = {"planned": summarize_plan(entries), "computed": 0, "adopted": 0,
-                               "skipped": len(items) - len(todo), "failed": {}}
+                               "skipped": len(items) - len(todo), "failed": {}, "busy": 0}
     if not todo:
         return summary
     batch_size = getattr(getattr(cfg.stages, mod.STAGE, None), "batch_size", 16)
@@ -53,3 +53,4 @@ def _merge(summary: dict[str, Any], result: dict[str, Any]) -> None:
     summary["computed"] += len(result.get("computed", []))
     summary["adopted"] += len(result.get("adopted", []))
     summary["failed"].update(result.get("failed", {}))
+    summary["busy"] += len(result.get("busy", []))

@@ -20,6 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage import ArtifactStore, Ledger, StageKey
+from storage.claims import Claims
 from storage.hashing import file_fingerprint
 from tasks.stage import WorkItem, run_items
 
@@ -354,7 +355,7 @@ def load_encoder(cfg) -> torch.nn.Module:
     return enc.to(cfg.models.device).eval()
 
 
-def run_batch(cfg, items, store, ledger, progress=None, encoder: torch.nn.Module | None = None):
+def run_batch(cfg, items, store, ledger, progress=None, encoder: torch.nn.Module | None = None, claims=None):
     """Compute E_a, M_a and F_a for each item into Zarr audio/{id}; the encoder is loaded once."""
     sc = cfg.stages.audio
     encoder = encoder if encoder is not None else load_encoder(cfg)
@@ -369,7 +370,7 @@ def run_batch(cfg, items, store, ledger, progress=None, encoder: torch.nn.Module
         writer.set_attrs(sample_rate=int(sr), num_samples=int(wav.shape[-1]), channels=int(wav.shape[0]),
                          label=item.payload.get("label"), source=str(path))
 
-    return run_items(items, store, ledger, compute, progress=progress)
+    return run_items(items, store, ledger, compute, progress=progress, claims=claims)
 
 
 @task(name="audio-features", cache_policy=NO_CACHE)
@@ -377,5 +378,5 @@ def stage_task(cfg, items) -> dict:
     """Prefect task over one batch; returns ids only (the data is in Zarr)."""
     store = ArtifactStore(cfg.store_url, cfg.storage.storage_options)
     ledger = Ledger(cfg.ledger_url, cfg.storage.storage_options)
-    r = run_batch(cfg, items, store, ledger)
-    return {"computed": r.computed, "adopted": r.adopted, "failed": r.failed}
+    r = run_batch(cfg, items, store, ledger, claims=Claims(cfg.claims_url, cfg.storage.storage_options))
+    return {"computed": r.computed, "adopted": r.adopted, "failed": r.failed, "busy": r.busy}

@@ -153,6 +153,11 @@ class Config(_Strict):
         return self.storage.ledger or str(self.workdir / "ledger")
 
     @property
+    def claims_url(self) -> str:
+        """Work claims live beside the ledger (shared by every worker of a grid)."""
+        return f"{self.ledger_url.rstrip('/')}/claims"
+
+    @property
     def catalog_path(self) -> Path:
         return self.workdir / "catalog" / "catalog.parquet"
 

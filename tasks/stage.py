@@ -20,6 +20,7 @@ from typing import Any
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
+from storage.claims import Claims
 
 log = logging.getLogger("audioscenic")
 
@@ -87,11 +88,13 @@ class BatchResult:
     computed: list[str] = field(default_factory=list)
     adopted: list[str] = field(default_factory=list)  # found complete in the store (e.g. after a crash)
     failed: dict[str, str] = field(default_factory=dict)
+    busy: list[str] = field(default_factory=list)  # claimed by another worker right now; it records them
 
     def merge(self, other: "BatchResult") -> "BatchResult":
         self.computed += other.computed
         self.adopted += other.adopted
         self.failed.update(other.failed)
+        self.busy += other.busy
         return self
 
 
@@ -116,18 +119,30 @@ def run_items(
     run_id: str | None = None,
     progress: Callable[[WorkItem, str], None] | None = None,
     rows_per_fragment: int = 64,
+    claims: Claims | None = None,
 ) -> BatchResult:
     """Compute each item into its artifact; bad items are recorded as failed and skipped.
 
     Ledger rows are flushed every `rows_per_fragment` items and at the end, so a
     crash loses at most the rows of unfinished work; artifacts committed before
-    a crash are adopted (not recomputed) on the next run.
+    a crash are adopted (not recomputed) on the next run. With `claims`, an item
+    another worker is computing right now is skipped (that worker records it).
     """
     run_id = run_id or uuid.uuid4().hex
     result, pending = BatchResult(), []
     for item in items:
         started = time.time()
+        claim = f"{item.artifact}@{item.key.key}"
         if store.is_complete(item.artifact, item.key.key):
+            pending.append(_row(item, store, "done", started, run_id))
+            result.adopted.append(item.item_id)
+            state = "adopted"
+        elif claims is not None and not claims.acquire(claim):
+            result.busy.append(item.item_id)
+            state = "busy"
+        elif store.is_complete(item.artifact, item.key.key):
+            # Another worker committed it between our check and our claim.
+            claims.release(claim)
             pending.append(_row(item, store, "done", started, run_id))
             result.adopted.append(item.item_id)
             state = "adopted"
@@ -147,6 +162,9 @@ def run_items(
                 pending.append(_row(item, store, "done", started, run_id))
                 result.computed.append(item.item_id)
                 state = "computed"
+            finally:
+                if claims is not None:
+                    claims.release(claim)
         if progress:
             progress(item, state)
         if len(pending) >= rows_per_fragment:
