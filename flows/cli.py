@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,8 @@ def demo_config(workdir: Path) -> dict[str, Any]:
             "audio": [{"kind": "esc50", "root": "data/esc50"}],
         },
         "models": {"preset": "tiny"},
+        # Tiny models at 64 px keep the demo to minutes on two CPU cores.
+        "stages": {"video": {"resolution": 64}},
     }
 
 

@@ -9,13 +9,14 @@ from storage import Ledger
 from tasks.stage import PlanEntry, WorkItem, plan
 
 
-def make_batches(items: Sequence[WorkItem], batch_size: int) -> list[list[WorkItem]]:
-    """Batches never mix videos (a batch shares one loaded video state), at most batch_size items."""
-    by_video: dict[str | None, list[WorkItem]] = defaultdict(list)
+def make_batches(items: Sequence[WorkItem], batch_size: int, by_video: bool = False) -> list[list[WorkItem]]:
+    """At most batch_size items per batch; with by_video, a batch never mixes videos
+    (edit batches share one loaded video state: its model and z_T)."""
+    groups: dict[str | None, list[WorkItem]] = defaultdict(list)
     for it in items:
-        by_video[it.video_id].append(it)
+        groups[it.video_id if by_video else None].append(it)
     out = []
-    for group in by_video.values():
+    for group in groups.values():
         for i in range(0, len(group), batch_size):
             out.append(group[i : i + batch_size])
     return out
@@ -37,9 +38,10 @@ def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1) -> di
                                "skipped": len(items) - len(todo), "failed": {}, "busy": 0}
     if not todo:
         return summary
-    batch_size = getattr(getattr(cfg.stages, mod.STAGE, None), "batch_size", 16)
+    section = getattr(cfg.stages, getattr(mod, "CONFIG_SECTION", mod.STAGE), None)
+    batch_size = getattr(section, "batch_size", 16)
     pending = []
-    for batch in make_batches(todo, batch_size):
+    for batch in make_batches(todo, batch_size, by_video=getattr(mod, "BATCH_BY_VIDEO", False)):
         # Bounded concurrency: wait for the oldest batch before submitting past the bound.
         if len(pending) >= max_concurrency:
             _merge(summary, pending.pop(0).result())

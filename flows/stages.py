@@ -12,6 +12,10 @@ from types import ModuleType
 
 PIPELINE = [
     "tasks.audio",
+    "tasks.frames",
+    "tasks.masks",
+    "tasks.depth",
+    "tasks.latents",
 ]
 
 

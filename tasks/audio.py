@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from storage import ArtifactStore, Ledger, StageKey
-from storage.claims import Claims
+from storage import StageKey
 from storage.hashing import file_fingerprint
 from tasks.stage import WorkItem, run_items
+from tasks.stage_task import StageCachePolicy, batch_summary, open_claims, open_store_and_ledger
 
 # ---------------------------------------------------------------- errors
 
@@ -330,7 +329,7 @@ def model_identity(cfg) -> dict:
 def work_items(cfg, catalog) -> list:
     """One item per catalogued clip; its key covers the clip's bytes, the parameters and the model."""
     sc = cfg.stages.audio
-    params = {"num_frames": sc.num_frames, "temperature": sc.temperature, "n_mels": sc.n_mels,
+    params = {"num_frames": cfg.num_frames, "temperature": sc.temperature, "n_mels": sc.n_mels,
               "model": model_identity(cfg)}
     from tasks.grid import selected_clips
 
@@ -365,18 +364,16 @@ def run_batch(cfg, items, store, ledger, progress=None, encoder: torch.nn.Module
         wav, sr = decode_audio(path)
         emb = embed_clips(encoder, [(wav, sr)], sources=[path])[0]
         writer.write("embedding", emb.numpy().astype(np.float32))
-        writer.write("magnitude", magnitude(wav, sr, sc.num_frames, sc.temperature, source=path).numpy().astype(np.float32))
-        writer.write("mel", mel_features(wav, sr, sc.num_frames, sc.n_mels, source=path).numpy().astype(np.float32))
+        writer.write("magnitude", magnitude(wav, sr, cfg.num_frames, sc.temperature, source=path).numpy().astype(np.float32))
+        writer.write("mel", mel_features(wav, sr, cfg.num_frames, sc.n_mels, source=path).numpy().astype(np.float32))
         writer.set_attrs(sample_rate=int(sr), num_samples=int(wav.shape[-1]), channels=int(wav.shape[0]),
                          label=item.payload.get("label"), source=str(path))
 
     return run_items(items, store, ledger, compute, progress=progress, claims=claims)
 
 
-@task(name="audio-features", cache_policy=NO_CACHE)
+@task(name="audio-features", cache_policy=StageCachePolicy())
 def stage_task(cfg, items) -> dict:
     """Prefect task over one batch; returns ids only (the data is in Zarr)."""
-    store = ArtifactStore(cfg.store_url, cfg.storage.storage_options)
-    ledger = Ledger(cfg.ledger_url, cfg.storage.storage_options)
-    r = run_batch(cfg, items, store, ledger, claims=Claims(cfg.claims_url, cfg.storage.storage_options))
-    return {"computed": r.computed, "adopted": r.adopted, "failed": r.failed, "busy": r.busy}
+    store, ledger = open_store_and_ledger(cfg)
+    return batch_summary(run_batch(cfg, items, store, ledger, claims=open_claims(cfg)))

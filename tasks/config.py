@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -61,7 +61,8 @@ class ModelsConfig(_Strict):
 
 
 class AudioStageConfig(_Strict):
-    num_frames: int = Field(8, gt=0)  # N: frames per edited video, so magnitude/mel have N rows
+    # N rows of magnitude/Mel, one per edited frame; unset = stages.video.num_frames (the usual case).
+    num_frames: int | None = Field(None, gt=0)
     temperature: float = Field(0.25, gt=0)
     n_mels: int = Field(128, gt=0)
     batch_size: int = Field(16, gt=0)
@@ -78,7 +79,7 @@ class VideoStageConfig(_Strict):
     )
 
     # Frames: num_frames frames at `stride` from `start`; too few -> the item fails, naming the counts.
-    # Keep num_frames equal to stages.audio.num_frames (one magnitude/mel row per frame).
+    # The audio features follow this count (stages.audio.num_frames may only repeat it).
     num_frames: int = Field(8, gt=0)
     stride: int = Field(1, gt=0)
     start: int = Field(0, ge=0)
@@ -143,6 +144,14 @@ class Config(_Strict):
     stages: StagesConfig = Field(default_factory=StagesConfig)
     grid: GridConfig = Field(default_factory=GridConfig)
 
+    @model_validator(mode="after")
+    def _frames_agree(self) -> "Config":
+        # One magnitude / Mel row per edited frame: the two counts must be the same number.
+        a, v = self.stages.audio.num_frames, self.stages.video.num_frames
+        if a is not None and a != v:
+            raise ValueError(f"stages.audio.num_frames ({a}) must equal stages.video.num_frames ({v})")
+        return self
+
     # -- derived locations -------------------------------------------------
     @property
     def store_url(self) -> str:
@@ -151,6 +160,11 @@ class Config(_Strict):
     @property
     def ledger_url(self) -> str:
         return self.storage.ledger or str(self.workdir / "ledger")
+
+    @property
+    def num_frames(self) -> int:
+        """Frames per edited video: video frames, magnitude rows and Mel rows all have this many."""
+        return self.stages.video.num_frames
 
     @property
     def claims_url(self) -> str:

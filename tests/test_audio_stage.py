@@ -11,9 +11,9 @@ from tasks.stage import plan, todo
 from tests.conftest import fixtures_dir
 
 
-def setup(tmp_path, audio_sources, **stage):
+def setup(tmp_path, audio_sources, num_frames=8, **stage):
     cfg = config_from_dict({"workdir": str(tmp_path / "work"), "catalogs": {"audio": audio_sources},
-                            "stages": {"audio": stage}})
+                            "stages": {"audio": stage, "video": {"num_frames": num_frames}}})
     store, ledger = ArtifactStore(cfg.store_url), Ledger(cfg.ledger_url)
     return cfg, store, ledger
 

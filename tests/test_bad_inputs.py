@@ -78,3 +78,9 @@ def test_grid_with_bad_inputs_finishes_the_rest(prefect_server, tmp_path, capsys
 
     videos = {e["id"] for e in read_catalog(tmp_path / "work" / "catalog" / "catalog.parquet").entries if e["media"] == "video"}
     assert videos == {data.videos[0], "single", "dots"}  # '..dots..' kept under a safe id
+    # The 1-frame video fails the frames stage, naming itself and the counts; the others go on.
+    (single,) = ledger.read(stage="frames", status="failed").to_pylist()
+    assert single["item_id"] == "single" and "has 1 frame" in single["error"]
+    assert "single" in out
+    for stage in ("frames", "masks", "depth", "latents"):
+        assert set(ledger.read(stage=stage, status="done")["item_id"].to_pylist()) == {data.videos[0], "dots"}, stage

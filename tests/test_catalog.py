@@ -1,13 +1,11 @@
 import csv
 import json
 import os
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tasks.catalog import build_catalog, read_catalog, scan_davis, scan_esc50, scan_folder, write_catalog
+from tasks.catalog import build_catalog, read_catalog, scan_davis, scan_esc50, write_catalog
 from tasks.ids import sanitize_id, unique_ids
 from tasks.media import MediaError, sniff_audio_format
 from tasks.sample_data import write_sample_data

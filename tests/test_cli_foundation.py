@@ -1,7 +1,6 @@
 """The CLI and the pipeline flow against the session's Prefect server."""
 import json
 
-import pytest
 
 from flows.cli import main
 from storage import Ledger

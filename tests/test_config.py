@@ -72,3 +72,10 @@ def test_top_level_must_be_mapping(tmp_path):
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(f)
     assert config_from_dict(None).workdir.is_absolute()
+
+
+def test_frame_counts_agree():
+    assert config_from_dict({"stages": {"video": {"num_frames": 16}}}).num_frames == 16
+    assert config_from_dict({"stages": {"video": {"num_frames": 16}, "audio": {"num_frames": 16}}}).num_frames == 16
+    with pytest.raises(ConfigError, match=r"stages.audio.num_frames \(8\) must equal stages.video.num_frames \(16\)"):
+        config_from_dict({"stages": {"video": {"num_frames": 16}, "audio": {"num_frames": 8}}})

@@ -1,0 +1,85 @@
+"""Frames stage: catalog video -> uint8 (F, R, R, 3) in Zarr `video/{id}/frames` (array "frames").
+
+DAVIS JPEG folders and video files (PyAV). num_frames frames at `stride` from
+`start`, each resampled from the largest centred square to R x R
+(stages.video.resolution); see tasks.video for the geometry and the too-few-frames
+policy. Attributes: source_indices, source_size (H, W), fps.
+
+Cache key: the video's content hash + (num_frames, stride, start, resolution).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from storage import ArtifactStore, Ledger, StageKey
+from storage.artifacts import ArtifactWriter
+from tasks.stage import BatchResult, WorkItem
+from tasks.stage_task import StageCachePolicy, batch_summary, open_claims, open_store_and_ledger
+from tasks.video import (
+    catalog_videos,
+    entry_payload,
+    read_frames,
+    run_video_items,
+)
+
+STAGE = "frames"
+CODE_VERSION = "1"
+CONFIG_SECTION = "video"  # stages.video holds this stage's settings (batch_size, ...)
+ARRAY = "frames"
+
+
+def artifact_path(video_id: str) -> str:
+    return f"video/{video_id}/frames"
+
+
+def params(cfg) -> dict[str, Any]:
+    v = cfg.stages.video
+    return {"num_frames": v.num_frames, "stride": v.stride, "start": v.start, "resolution": v.resolution}
+
+
+def item_key(cfg, entry: dict[str, Any]) -> StageKey:
+    return StageKey.build(STAGE, CODE_VERSION, params(cfg), inputs={"video": entry["content_hash"]})
+
+
+def work_items(cfg, catalog) -> list[WorkItem]:
+    return [
+        WorkItem(
+            stage=STAGE, item_id=e["id"], artifact=artifact_path(e["id"]), key=item_key(cfg, e), video_id=e["id"],
+            payload={**entry_payload(e), "fps": e.get("fps")},
+        )
+        for e in catalog_videos(catalog)
+    ]
+
+
+def compute(cfg, item: WorkItem, writer: ArtifactWriter) -> None:
+    v = cfg.stages.video
+    frames, indices, size = read_frames(item.payload, v.num_frames, v.stride, v.start, v.resolution)
+    writer.write(ARRAY, frames)
+    writer.set_attrs(
+        source_indices=indices, source_size=list(size), fps=item.payload.get("fps"), resolution=v.resolution
+    )
+
+
+def run_batch(
+    cfg, items: list[WorkItem], store: ArtifactStore, ledger: Ledger, progress=None, claims=None
+) -> BatchResult:
+    def compute_one(it, w):
+        compute(cfg, it, w)
+
+    return run_video_items(items, store, ledger, compute_one, progress=progress, claims=claims)
+
+
+@task(name="frames", cache_policy=StageCachePolicy())
+def stage_task(cfg, items: list[WorkItem]) -> dict[str, Any]:
+    """Prefect task: one batch of videos; returns a small summary (never the data)."""
+    logger = get_run_logger()
+    store, ledger = open_store_and_ledger(cfg)
+    def progress(item, state):
+        logger.info("frames %s: %s", item.item_id, state)
+
+    result = run_batch(cfg, items, store, ledger, progress=progress, claims=open_claims(cfg))
+    for vid, msg in result.failed.items():
+        logger.error("frames %s failed: %s", vid, msg)
+    return batch_summary(result)
