@@ -17,7 +17,6 @@ Exit status 0 when every trial passes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -94,7 +93,7 @@ def make_workdir(root: Path, data: Path, name: str) -> Path:
     work.mkdir()
     cfg = {"workdir": ".", "catalogs": {"videos": [{"kind": "davis", "root": str(data / "davis")}],
                                         "audio": [{"kind": "esc50", "root": str(data / "esc50")}]},
-           "models": {"preset": "tiny"}}
+           "models": {"preset": "tiny"}, "stages": {"video": {"resolution": 64}}}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     return work / "config.yaml"
 
