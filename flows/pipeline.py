@@ -22,6 +22,25 @@ COMPACT_AFTER_FRAGMENTS = 256
 
 
 def run_stages(config_path: str, overrides: dict[str, Any] | None, only: set[str] | None = None) -> dict[str, Any]:
+    """Run the stages in a subflow whose task runner the config picks (Prefect's default, or Dask)."""
+    cfg = load_config(config_path, overrides)
+    runner = task_runner(cfg)
+    sub = stages_flow if runner is None else stages_flow.with_options(task_runner=runner)
+    return sub(config_path, overrides, sorted(only) if only else None)
+
+
+def task_runner(cfg):
+    if cfg.execution.dask_address is None:
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.execution.dask_address == "local":
+        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.execution.dask_workers, "threads_per_worker": 1})
+    return DaskTaskRunner(address=cfg.execution.dask_address)
+
+
+@flow(name="audioscenic-stages")
+def stages_flow(config_path: str, overrides: dict[str, Any] | None = None, only: list[str] | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     cfg = load_config(config_path, overrides)
     summary: dict[str, Any] = {"catalog": catalog_task(cfg)}
@@ -31,7 +50,7 @@ def run_stages(config_path: str, overrides: dict[str, Any] | None, only: set[str
     for mod in stage_modules():
         if only is not None and mod.STAGE not in only:
             continue
-        summary[mod.STAGE] = run_stage(mod, cfg, catalog, ledger)
+        summary[mod.STAGE] = run_stage(mod, cfg, catalog, ledger, max_concurrency=cfg.execution.max_concurrency)
         logger.info("%s: %s", mod.STAGE, {k: v for k, v in summary[mod.STAGE].items() if k != "failed"})
         for item, err in summary[mod.STAGE]["failed"].items():
             logger.error("%s %s failed: %s", mod.STAGE, item, err)
