@@ -106,9 +106,30 @@ class VideoStageConfig(_Strict):
         return value
 
 
+class MetricsStageConfig(_Strict):
+    """Evaluation (tasks.metrics, DESIGN 1 "Metrics"): CLIP-T, CLIP-F, Temp-S, Sem-A, masked SSIM per edit."""
+
+    # CLIP-T / Sem-A text from a clip's class label ("crackling_fire" -> "crackling fire").
+    prompt: str = "a photo of {label}"
+    # The method variant this config's edits stand for in the tables ("full", "no_tasi", ...; a Zarr path
+    # segment). None: the edit stage's own variant id. Ablations set it with the variant's overrides.
+    variant: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    clip_batch: int = Field(8, gt=0)  # frames per CLIP forward (memory knob, not in the cache key)
+    batch_size: int = Field(16, gt=0)  # edits per Prefect task
+    code_version: str = "1"
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_label(cls, value: str) -> str:
+        if "{label}" not in value:
+            raise ValueError("must contain '{label}' (where the clip's class label goes)")
+        return value
+
+
 class StagesConfig(_Strict):
     audio: AudioStageConfig = Field(default_factory=AudioStageConfig)
     video: VideoStageConfig = Field(default_factory=VideoStageConfig)
+    metrics: MetricsStageConfig = Field(default_factory=MetricsStageConfig)
 
 
 class GridSelection(_Strict):
@@ -136,6 +157,24 @@ class GridConfig(_Strict):
         return self.subsets[self.selection]
 
 
+class ReportConfig(_Strict):
+    """The static HTML report (tasks.report)."""
+
+    dir: Path | None = None  # default <workdir>/report
+    thumb: int = Field(96, ge=16, le=512)  # contact-sheet frame side in pixels
+    link_media: bool = True  # hard-link MP4s into the report when possible (else copy)
+
+
+class ExecutionConfig(_Strict):
+    """How a flow runs its stage batches."""
+
+    max_concurrency: int = Field(1, gt=0)  # batches of one stage in flight at once
+    # Run batches on a Dask cluster (prefect-dask): a scheduler address ("tcp://host:8786"),
+    # or "local" for a local cluster of `dask_workers` processes. None: Prefect's default runner.
+    dask_address: str | None = None
+    dask_workers: int = Field(2, gt=0)
+
+
 class Config(_Strict):
     workdir: Path = Path("work")
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -143,6 +182,8 @@ class Config(_Strict):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
     grid: GridConfig = Field(default_factory=GridConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="after")
     def _frames_agree(self) -> "Config":
