@@ -7,6 +7,7 @@ names the field, e.g. ``stages.audio.temperature: Input should be greater than 0
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -111,9 +112,6 @@ class MetricsStageConfig(_Strict):
 
     # CLIP-T / Sem-A text from a clip's class label ("crackling_fire" -> "crackling fire").
     prompt: str = "a photo of {label}"
-    # The method variant this config's edits stand for in the tables ("full", "no_tasi", ...; a Zarr path
-    # segment). None: the edit stage's own variant id. Ablations set it with the variant's overrides.
-    variant: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     clip_batch: int = Field(8, gt=0)  # frames per CLIP forward (memory knob, not in the cache key)
     batch_size: int = Field(16, gt=0)  # edits per Prefect task
     code_version: str = "1"
@@ -126,10 +124,90 @@ class MetricsStageConfig(_Strict):
         return value
 
 
+# Variant names are Zarr path segments (edits/{video}/{audio}/{variant}).
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# The paper's ablations (Table 2) plus the Magnitude Modulator: name -> U-Net switch
+# overrides (models.unet3d.UNet3DConfig fields). "full" is the method itself.
+DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "no_tasi": {"tasi": False},
+    "no_scene_masker": {"scene_masker": False},
+    "no_frequency_fuser": {"frequency_fuser": False},
+    "no_magnitude_modulator": {"magnitude_modulator": False},
+}
+
+
+class InversionStageConfig(_Strict):
+    """DDIM inversion of the source latents (tasks.inversion, DESIGN 1 "Inversion and editing")."""
+
+    steps: int = Field(50, gt=0, le=1000)
+    # "base": the inflated base model (new parts at init) inverts, once per video for every variant.
+    # "finetuned": each variant's fine-tuned model inverts its own copy (Tune-A-Video's practice).
+    model: Literal["base", "finetuned"] = "base"
+    # Keep every intermediate latent (steps + 1 of them); editing with foreground blending needs it
+    # and turns it on by itself.
+    save_trajectory: bool = False
+    # Beyond plain DDIM inversion: re-solve each step this many times with the model evaluated
+    # at the current estimate of the noisier latent (each costs one more U-Net call per step;
+    # the round trip then approaches the sampler's exact inverse). 0 = plain DDIM inversion.
+    fixed_point_iters: int = Field(0, ge=0, le=10)
+    batch_size: int = Field(8, gt=0)  # videos per Prefect task
+    code_version: str = "1"
+
+
+class FinetuneStageConfig(_Strict):
+    """Per (video, source audio, variant) fine-tuning (tasks.finetune, DESIGN 1 "Fine-tuning")."""
+
+    # Variants to fine-tune and edit with (names in the top-level `variants`).
+    variants: list[str] = Field(default_factory=lambda: ["full"], min_length=1)
+    steps: int = Field(300, gt=0)
+    learning_rate: float = Field(3e-5, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)  # AdamW's (torch's default, as Tune-A-Video)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
+    condition_dropout: float = Field(0.1, ge=0, le=1)  # fraction of steps with the zero audio condition
+    seed: int = 0  # timesteps, noise and dropout draws
+    checkpoint_every: int = Field(50, gt=0)  # steps between resumable checkpoints
+    keep_checkpoints: bool = False  # delete an item's checkpoint once its weights are committed
+    weights_dir: Path | None = None  # default <workdir>/finetune
+    batch_size: int = Field(1, gt=0)  # fine-tuning items per Prefect task
+    code_version: str = "1"
+
+    @field_validator("variants")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if not _VARIANT_NAME.match(v)]
+        if bad:
+            raise ValueError(f"variant names must be path segments (letters, digits, _ . -): {bad}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"variants listed twice: {value}")
+        return value
+
+
+class EditStageConfig(_Strict):
+    """Audio-driven editing: DDIM from z_T (tasks.edit, paper eq. 6)."""
+
+    steps: int = Field(50, gt=0, le=1000)
+    guidance_scale: float = Field(7.5, ge=0)  # classifier-free guidance against the zero condition; 1 = none
+    controlnet: bool = True  # depth ControlNet (models.paths.controlnet)
+    controlnet_scale: float = Field(1.0, ge=0)
+    # Beyond the paper (off by default): after each step, foreground latents are replaced by
+    # the inversion trajectory's latents of the same noise level.
+    foreground_blend: bool = False
+    fps: float | None = Field(None, gt=0)  # MP4 rate; None = the source's fps / stages.video.stride
+    write_mp4: bool = True
+    clip_batch: int = Field(1, gt=0)  # clips denoised together (memory knob, not in the cache key)
+    decode_chunk: int = Field(4, gt=0)  # frames per VAE decode (memory knob, not in the cache key)
+    batch_size: int = Field(16, gt=0)  # edits per Prefect task (a batch never mixes videos)
+    code_version: str = "1"
+
+
 class StagesConfig(_Strict):
     audio: AudioStageConfig = Field(default_factory=AudioStageConfig)
     video: VideoStageConfig = Field(default_factory=VideoStageConfig)
     metrics: MetricsStageConfig = Field(default_factory=MetricsStageConfig)
+    inversion: InversionStageConfig = Field(default_factory=InversionStageConfig)
+    finetune: FinetuneStageConfig = Field(default_factory=FinetuneStageConfig)
+    edit: EditStageConfig = Field(default_factory=EditStageConfig)
 
 
 class GridSelection(_Strict):
@@ -184,6 +262,19 @@ class Config(_Strict):
     grid: GridConfig = Field(default_factory=GridConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    # Method variants for fine-tuning and editing (ablations): name -> U-Net switch overrides
+    # (models.unet3d.UNet3DConfig fields); stages.finetune.variants picks the ones to run.
+    variants: dict[str, dict[str, bool | int | float | str]] = Field(
+        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_VARIANTS.items()}
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        bad = [k for k in value if not _VARIANT_NAME.match(k)]
+        if bad:
+            raise ValueError(f"variant names must be path segments (letters, digits, _ . -): {bad}")
+        return value
 
     @model_validator(mode="after")
     def _frames_agree(self) -> "Config":
