@@ -72,7 +72,7 @@ def _summarise(summary: dict[str, Any], cfg) -> int:
                   f"{cat.get('errors', 0)} left out -> {cat.get('path')}")
     failed += int(cat.get("errors", 0))
     for stage, s in summary.items():
-        if stage == "catalog" or not isinstance(s, dict):
+        if stage in ("catalog", "report") or not isinstance(s, dict):
             continue
         busy = f", {s['busy']} being computed by another worker" if s.get("busy") else ""
         console.print(f"{stage}: {s.get('computed', 0)} computed, {s.get('skipped', 0) + s.get('adopted', 0)} already done, "
@@ -80,6 +80,8 @@ def _summarise(summary: dict[str, Any], cfg) -> int:
         for item, err in (s.get("failed") or {}).items():
             console.print(f"  [red]failed[/red] {item}: {err}")
         failed += len(s.get("failed") or {})
+    if isinstance(summary.get("report"), dict):
+        console.print(f"report: {summary['report'].get('report')}")
     console.print(f"store:  {cfg.store_url}")
     console.print(f"ledger: {cfg.ledger_url}")
     return EXIT_ITEMS_FAILED if failed else EXIT_OK
@@ -147,6 +149,45 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def cmd_report(args) -> int:
+    from tasks import metrics
+    from tasks.catalog import read_catalog
+    from tasks.config import ConfigError, load_config
+    from tasks.report import write_report
+
+    try:
+        cfg = load_config(args.config, _parse_sets(args.set))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if not cfg.catalog_path.exists():
+        print(f"error: no catalog at {cfg.catalog_path}; run `audioscenic run {args.config}` first", file=sys.stderr)
+        return EXIT_USAGE
+    catalog = read_catalog(cfg.catalog_path)
+    if not args.keep_tables:
+        metrics.collect(cfg, catalog)
+    print(f"report: {write_report(cfg, catalog=catalog)}")
+    return EXIT_OK
+
+
+def cmd_ablation(args) -> int:
+    from flows.pipeline import ablation_flow
+    from tasks.config import ConfigError, load_config
+
+    overrides = _parse_sets(args.set)
+    try:
+        load_config(args.config, overrides).require_weights()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    out = ablation_flow(str(args.config), args.variants or None, overrides or None)
+    print(f"variants: {', '.join(out['variants'])}")
+    for name, path in out["tables"].items():
+        print(f"table {name}: {path}")
+    print(f"report: {out['report']}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="audioscenic",
@@ -176,6 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", type=Path)
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. stages.audio.temperature=0.5")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("report", help="write the metrics tables and the HTML report of a config's edits")
+    s.add_argument("config", type=Path)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--keep-tables", action="store_true",
+                   help="render the existing metrics tables (e.g. an ablation's) instead of this config's edits")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("ablation", help="run method variants (the paper's Table 2) over one grid; writes tables + report")
+    s.add_argument("config", type=Path)
+    s.add_argument("--variants", nargs="*", help="variant names from the config's `variants` (default: all)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.set_defaults(func=cmd_ablation)
 
     s = sub.add_parser("status", help="per stage: done / stale / missing / failed, with reasons")
     s.add_argument("config", type=Path)

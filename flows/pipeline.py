@@ -8,13 +8,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from flows.planning import run_stage
 from flows.stages import stage_modules
 from storage import Ledger
 from tasks.catalog import catalog_task, read_catalog
 from tasks.config import load_config
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(cfg) -> dict[str, str]:
+    """Metrics tables for the config's edits, then the HTML report; returns their paths."""
+    from tasks import metrics
+    from tasks.report import write_report
+
+    catalog = read_catalog(cfg.catalog_path)
+    tables = metrics.collect(cfg, catalog)
+    index = write_report(cfg, catalog=catalog)
+    return {"report": str(index), **{k: str(v) for k, v in tables.items()}}
 
 
 # Planning reads every fragment; past a few hundred small files, one merged file is much faster.
@@ -54,6 +67,8 @@ def stages_flow(config_path: str, overrides: dict[str, Any] | None = None, only:
         logger.info("%s: %s", mod.STAGE, {k: v for k, v in summary[mod.STAGE].items() if k != "failed"})
         for item, err in summary[mod.STAGE]["failed"].items():
             logger.error("%s %s failed: %s", mod.STAGE, item, err)
+    if any(m.STAGE == "metrics" for m in stage_modules()) and (only is None or "metrics" in only):
+        summary["report"] = report_task(cfg)
     if len(ledger.fragment_paths()) > COMPACT_AFTER_FRAGMENTS:
         logger.info("ledger compacted: %s", ledger.compact())
     return summary
@@ -77,3 +92,35 @@ def edit_grid_flow(config_path: str, selection: str | None = None, overrides: di
 @flow(name="audioscenic-preprocess-audio")
 def preprocess_audio_flow(config_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     return run_stages(config_path, overrides, only={"audio"})
+
+
+@flow(name="audioscenic-preprocess-video")
+def preprocess_video_flow(config_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    return run_stages(config_path, overrides, only={"frames", "masks", "depth", "latents"})
+
+
+@flow(name="audioscenic-finetune")
+def finetune_flow(config_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fine-tuning and everything it needs (audio features, video preprocessing, inversion)."""
+    return run_stages(config_path, overrides, only={"audio", "frames", "masks", "depth", "latents", "inversion", "finetune"})
+
+
+@flow(name="audioscenic-evaluate")
+def evaluate_flow(config_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics for the config's edits (computing whatever they need), the tables and the report."""
+    return run_stages(config_path, overrides)
+
+
+@flow(name="audioscenic-ablation")
+def ablation_flow(config_path: str, variants: list[str] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each variant (config overrides) over the same grid; upstream stages are shared through their keys."""
+    from flows.planning import run_stage
+    from tasks.ablation import default_variants, run_ablation
+
+    cfg = load_config(config_path, overrides)
+    chosen = default_variants(cfg)
+    if variants:
+        chosen = {k: v for k, v in chosen.items() if k in set(variants)}
+    result = run_ablation(config_path, chosen, stage_modules(), overrides=overrides, run_stage=run_stage, report=True)
+    return {"tables": {k: str(v) for k, v in result.tables.items()}, "report": str(result.report),
+            "variants": sorted(result.summaries)}
