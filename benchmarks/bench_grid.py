@@ -13,6 +13,7 @@ Usage: python benchmarks/bench_grid.py [out.json] [--videos 2 --clips 4]
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from scripts.prefect_server import BIN, start_server, stop_server  # noqa: E402
 from storage import Ledger  # noqa: E402
+from tasks.config import QUICK_STAGES  # noqa: E402
 
 
 def run(config: Path, env: dict) -> float:
@@ -56,7 +58,7 @@ def main(argv=None) -> dict:
             "workdir": str(root / "work"),
             "catalogs": {"videos": [{"kind": "davis", "root": str(data / "davis")}],
                          "audio": [{"kind": "esc50", "root": str(data / "esc50")}]},
-            "models": {"preset": "tiny"}, "stages": {"video": {"resolution": 64}},
+            "models": {"preset": "tiny"}, "stages": copy.deepcopy(QUICK_STAGES),
         }))
         cold = run(config, env)
         ledger = Ledger(root / "work" / "ledger")

@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 finished, but some items failed (see the messages);
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -37,6 +38,8 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
 
 def demo_config(workdir: Path) -> dict[str, Any]:
     """The demo: sample data in <workdir>/data, tiny presets, everything under <workdir>."""
+    from tasks.config import QUICK_STAGES
+
     return {
         "workdir": ".",
         "catalogs": {
@@ -44,8 +47,7 @@ def demo_config(workdir: Path) -> dict[str, Any]:
             "audio": [{"kind": "esc50", "root": "data/esc50"}],
         },
         "models": {"preset": "tiny"},
-        # Tiny models at 64 px keep the demo to minutes on two CPU cores.
-        "stages": {"video": {"resolution": 64}},
+        "stages": copy.deepcopy(QUICK_STAGES),
     }
 
 
@@ -123,6 +125,40 @@ def cmd_demo(args) -> int:
     return code
 
 
+def cmd_edit(args) -> int:
+    from flows.single_edit import deliver, prepare
+    from storage import ArtifactStore
+    from tasks import edit as edit_stage
+    from tasks.catalog import read_catalog
+    from tasks.config import ConfigError, load_config
+
+    try:
+        job = prepare(args.video, args.audio, args.config, args.workdir, args.source_audio, args.variant,
+                      _parse_sets(args.set))
+        cfg = load_config(job.config_path)
+        cfg.require_weights()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"editing video {job.video_id} with clip {job.audio_id} (fine-tuned with {job.source_id}, "
+          f"variant {job.variant}); workdir {cfg.workdir}")
+    code = _summarise(_run(job.config_path, {}), cfg)
+    items = [it for it in edit_stage.work_items(cfg, read_catalog(cfg.catalog_path))
+             if (it.video_id, it.audio_id, it.variant) == (job.video_id, job.audio_id, job.variant)]
+    store = ArtifactStore(cfg.store_url, cfg.storage.storage_options)
+    if not items or not store.is_complete(items[0].artifact, items[0].key.key):
+        print(f"error: the edit of {job.video_id} with {job.audio_id} did not complete (see the failures above)",
+              file=sys.stderr)
+        return EXIT_ITEMS_FAILED
+    mp4 = (store.attrs(items[0].artifact, items[0].key.key) or {}).get("mp4")
+    if not mp4 or not Path(mp4).exists():
+        print(f"error: the edit is stored but has no MP4 (stages.edit.write_mp4 is off?): {items[0].artifact}",
+              file=sys.stderr)
+        return EXIT_ITEMS_FAILED
+    print(f"edit: {deliver(Path(mp4), args.output)}")
+    return code
+
+
 def cmd_status(args) -> int:
     from flows.status import status
     from tasks.config import ConfigError, load_config
@@ -132,7 +168,7 @@ def cmd_status(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    report = status(cfg)
+    report = status(cfg, rescan=not args.no_rescan)
     if args.json:
         print(json.dumps(report, indent=1))
         return EXIT_OK
@@ -218,6 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. stages.audio.temperature=0.5")
     s.set_defaults(func=cmd_run)
 
+    s = sub.add_parser(
+        "edit", help="edit one video with one audio clip and write the MP4",
+        description="Edit one video's scene with one audio clip. Runs the pipeline for that single pair in its "
+        "own workdir (default <config workdir>/single, or work/single), so reruns and more clips for the same "
+        "video reuse its cached stages. Without --config, the tiny demo models are used (random weights).",
+    )
+    s.add_argument("--video", required=True, help="video file, frames folder, or a video id of the config's catalog")
+    s.add_argument("--audio", required=True, help="audio file, or a clip id of the config's catalog")
+    s.add_argument("--config", help="config for models, stage settings and variants (default: tiny demo settings)")
+    s.add_argument("--source-audio", help="clip the video is fine-tuned with (default: --audio); "
+                   "keep it fixed to reuse one fine-tuning for many clips")
+    s.add_argument("--variant", help="method variant (default: the config's first, 'full')")
+    s.add_argument("--workdir", help="where the single-edit store, ledger and outputs go")
+    s.add_argument("-o", "--output", required=True, type=Path, help="the MP4 to write")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    s.set_defaults(func=cmd_edit)
+
     s = sub.add_parser("report", help="write the metrics tables and the HTML report of a config's edits")
     s.add_argument("config", type=Path)
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -235,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", type=Path)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--limit", type=int, default=20, help="items listed per stage (default 20)")
+    s.add_argument("--no-rescan", action="store_true",
+                   help="use the catalog of the last run instead of rehashing the media (faster, may miss changes)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.set_defaults(func=cmd_status)
     return p

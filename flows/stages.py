@@ -1,9 +1,9 @@
 """The stage registry: which task modules make up the pipeline, in dependency order.
 
-Every module listed here exposes STAGE, CODE_VERSION, work_items(cfg, catalog),
-run_batch(cfg, items, store, ledger, progress=None) and a Prefect task
-`stage_task(cfg, items)`. A module that is not importable yet (a stage still
-being built) is simply not part of the pipeline.
+Every module listed here exposes STAGE, work_items(cfg, catalog) (whose items carry
+cache keys with the stage's code version), run_batch(cfg, items, store, ledger,
+progress=None) and a Prefect task `stage_task(cfg, items)`. A module that is not
+importable yet (a stage still being built) is simply not part of the pipeline.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ PIPELINE = [
     "tasks.masks",
     "tasks.depth",
     "tasks.latents",
+    "tasks.finetune",  # before inversion: `stages.inversion.model: finetuned` inverts with its weights
     "tasks.inversion",
-    "tasks.finetune",
     "tasks.edit",
     "tasks.metrics",
 ]

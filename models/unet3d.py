@@ -139,8 +139,10 @@ SWITCHES = (
 )
 
 # Fields that change which parameters exist or their shapes; a trainable checkpoint
-# only fits a model whose structural fields match.
-_STRUCTURAL = SWITCHES + ("embed_dim", "n_mels", "ff_hidden", "mm_hidden", "temporal_kernel")
+# only fits a model whose structural fields match. SceneMasker has no parameters (it
+# only gates where the audio acts), so weights trained with it load into a model without it.
+_STRUCTURAL = tuple(s for s in SWITCHES if s != "scene_masker") + (
+    "embed_dim", "n_mels", "ff_hidden", "mm_hidden", "temporal_kernel")
 
 
 @dataclass(frozen=True)

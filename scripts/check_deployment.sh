@@ -172,6 +172,7 @@ catalogs:
   videos: [{kind: davis, root: data/davis}]
   audio: [{kind: esc50, root: data/esc50}]
 models: {preset: tiny}
+stages: {video: {resolution: 64}, inversion: {steps: 10}, finetune: {steps: 30}}
 grid:
   subsets:
     nightly: {per_class: 1}

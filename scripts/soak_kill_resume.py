@@ -17,6 +17,7 @@ Exit status 0 when every trial passes.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import shutil
@@ -36,6 +37,7 @@ BIN = Path(sys.executable).parent
 
 from scripts.prefect_server import start_server, stop_server  # noqa: E402
 from storage import ArtifactStore, Ledger  # noqa: E402
+from tasks.config import QUICK_STAGES  # noqa: E402
 
 
 def artifacts(store: ArtifactStore) -> dict[str, dict]:
@@ -67,7 +69,7 @@ def make_workdir(root: Path, data: Path, name: str) -> Path:
     work.mkdir()
     cfg = {"workdir": ".", "catalogs": {"videos": [{"kind": "davis", "root": str(data / "davis")}],
                                         "audio": [{"kind": "esc50", "root": str(data / "esc50")}]},
-           "models": {"preset": "tiny"}, "stages": {"video": {"resolution": 64}}}
+           "models": {"preset": "tiny"}, "stages": copy.deepcopy(QUICK_STAGES)}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     return work / "config.yaml"
 

@@ -9,14 +9,26 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
     pass
+
+
+# A stage's code version is text; `--set stages.x.code_version=2` (YAML reads 2 as a number) means "2".
+CodeVersion = Annotated[str, BeforeValidator(lambda v: str(v) if type(v) in (int, float) else v)]
 
 
 class _Strict(BaseModel):
@@ -67,7 +79,7 @@ class AudioStageConfig(_Strict):
     temperature: float = Field(0.25, gt=0)
     n_mels: int = Field(128, gt=0)
     batch_size: int = Field(16, gt=0)
-    code_version: str = "1"
+    code_version: CodeVersion = "1"
 
 
 class VideoStageConfig(_Strict):
@@ -114,7 +126,7 @@ class MetricsStageConfig(_Strict):
     prompt: str = "a photo of {label}"
     clip_batch: int = Field(8, gt=0)  # frames per CLIP forward (memory knob, not in the cache key)
     batch_size: int = Field(16, gt=0)  # edits per Prefect task
-    code_version: str = "1"
+    code_version: CodeVersion = "1"
 
     @field_validator("prompt")
     @classmethod
@@ -125,6 +137,13 @@ class MetricsStageConfig(_Strict):
 
 
 # Variant names are Zarr path segments (edits/{video}/{audio}/{variant}).
+# Stage settings for tiny-preset runs (the demo, tests, soak and grid benchmarks): 64 px
+# frames and few diffusion steps keep a whole DAG to minutes on two CPU cores. The
+# paper's settings (50 DDIM steps, 300 fine-tuning steps) are the defaults.
+QUICK_STAGES: dict[str, dict[str, Any]] = {
+    "video": {"resolution": 64}, "inversion": {"steps": 10}, "finetune": {"steps": 30},
+}
+
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # The paper's ablations (Table 2) plus the Magnitude Modulator: name -> U-Net switch
 # overrides (models.unet3d.UNet3DConfig fields). "full" is the method itself.
@@ -140,7 +159,7 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
 class InversionStageConfig(_Strict):
     """DDIM inversion of the source latents (tasks.inversion, DESIGN 1 "Inversion and editing")."""
 
-    steps: int = Field(50, gt=0, le=1000)
+    steps: int = Field(50, gt=0, le=1000)  # DDIM steps of the inversion and of the edits that start from it
     # "base": the inflated base model (new parts at init) inverts, once per video for every variant.
     # "finetuned": each variant's fine-tuned model inverts its own copy (Tune-A-Video's practice).
     model: Literal["base", "finetuned"] = "base"
@@ -152,7 +171,7 @@ class InversionStageConfig(_Strict):
     # the round trip then approaches the sampler's exact inverse). 0 = plain DDIM inversion.
     fixed_point_iters: int = Field(0, ge=0, le=10)
     batch_size: int = Field(8, gt=0)  # videos per Prefect task
-    code_version: str = "1"
+    code_version: CodeVersion = "1"
 
 
 class FinetuneStageConfig(_Strict):
@@ -170,7 +189,7 @@ class FinetuneStageConfig(_Strict):
     keep_checkpoints: bool = False  # delete an item's checkpoint once its weights are committed
     weights_dir: Path | None = None  # default <workdir>/finetune
     batch_size: int = Field(1, gt=0)  # fine-tuning items per Prefect task
-    code_version: str = "1"
+    code_version: CodeVersion = "1"
 
     @field_validator("variants")
     @classmethod
@@ -186,7 +205,7 @@ class FinetuneStageConfig(_Strict):
 class EditStageConfig(_Strict):
     """Audio-driven editing: DDIM from z_T (tasks.edit, paper eq. 6)."""
 
-    steps: int = Field(50, gt=0, le=1000)
+    # DDIM steps: the inversion's (stages.inversion.steps), so sampling retraces its schedule from z_T.
     guidance_scale: float = Field(7.5, ge=0)  # classifier-free guidance against the zero condition; 1 = none
     controlnet: bool = True  # depth ControlNet (models.paths.controlnet)
     controlnet_scale: float = Field(1.0, ge=0)
@@ -198,7 +217,7 @@ class EditStageConfig(_Strict):
     clip_batch: int = Field(1, gt=0)  # clips denoised together (memory knob, not in the cache key)
     decode_chunk: int = Field(4, gt=0)  # frames per VAE decode (memory knob, not in the cache key)
     batch_size: int = Field(16, gt=0)  # edits per Prefect task (a batch never mixes videos)
-    code_version: str = "1"
+    code_version: CodeVersion = "1"
 
 
 class StagesConfig(_Strict):
@@ -277,7 +296,7 @@ class Config(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _frames_agree(self) -> "Config":
+    def _frames_agree(self) -> Config:
         # One magnitude / Mel row per edited frame: the two counts must be the same number.
         a, v = self.stages.audio.num_frames, self.stages.video.num_frames
         if a is not None and a != v:
@@ -384,11 +403,15 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    data = dict(data or {})
+    return config_from_dict(apply_overrides(dict(data or {}), overrides), path.parent, str(path))
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set dotted keys ("stages.audio.temperature": 0.5) in a config mapping, in place."""
     for dotted, value in (overrides or {}).items():
         node = data
         parts = dotted.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
-    return config_from_dict(data, path.parent, str(path))
+    return data

@@ -9,6 +9,7 @@ import yaml
 
 from flows.cli import main
 from storage import Ledger
+from tasks.config import QUICK_STAGES
 from tasks.sample_data import write_sample_data
 from tests.media_factory import write_mp3
 
@@ -60,7 +61,7 @@ def test_grid_with_bad_inputs_finishes_the_rest(prefect_server, tmp_path, capsys
         "workdir": str(tmp_path / "work"),
         "catalogs": {"videos": [{"kind": "davis", "root": str(data.davis_root)}],
                      "audio": [{"kind": "esc50", "root": str(data.esc50_root)}]},
-        "models": {"preset": "tiny"},
+        "models": {"preset": "tiny"}, "stages": QUICK_STAGES,
     }))
     code = main(["run", str(config)])
     out = capsys.readouterr().out

@@ -469,6 +469,9 @@ def test_trainable_names_pattern():
 # ----------------------------------------------------------------- save / load
 
 
+TRAINED = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+
+
 def test_trainable_round_trip(base, inputs, tmp_path):
     model = make(base)
     perturb(model, "temporal_conv", "temporal_attention", "magnitude_modulator", "frequency_fuser", seed=5)
@@ -484,6 +487,10 @@ def test_trainable_round_trip(base, inputs, tmp_path):
     assert torch.equal(run(fresh, inputs), run(model, inputs))
     with pytest.raises(CheckpointMismatchError, match="different model structure"):
         load_trainable(make(base, frequency_fuser=False), path)
+    # SceneMasker owns no parameters: the full model's weights serve the "w/o SceneMasker" variant.
+    unmasked = make(base, scene_masker=False)
+    load_trainable(unmasked, path)
+    assert torch.equal(dict(unmasked.named_parameters())[TRAINED], dict(model.named_parameters())[TRAINED])
 
 
 def test_whole_model_from_diffusers_folders(base, inputs, tmp_path):
