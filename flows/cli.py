@@ -120,6 +120,12 @@ def cmd_demo(args) -> int:
     cfg = load_config(config_path)
     summary = _run(config_path, {})
     code = _summarise(summary, cfg)
+    mp4s = sorted(cfg.outputs_dir.rglob("*.mp4")) if cfg.outputs_dir.exists() else []
+    print(f"edited videos: {len(mp4s)} MP4s under {cfg.outputs_dir}/<variant>/<video>/<clip>.mp4")
+    for p in mp4s[:4]:
+        print(f"  {p}")
+    if len(mp4s) > 4:
+        print(f"  ... and {len(mp4s) - 4} more")
     print(f"config: {config_path}  (rerun: audioscenic run {config_path})")
     print(f"demo finished in {time.time() - t0:.1f} s")
     return code

@@ -123,4 +123,4 @@ def ablation_flow(config_path: str, variants: list[str] | None = None, overrides
         chosen = {k: v for k, v in chosen.items() if k in set(variants)}
     result = run_ablation(config_path, chosen, stage_modules(), overrides=overrides, run_stage=run_stage, report=True)
     return {"tables": {k: str(v) for k, v in result.tables.items()}, "report": str(result.report),
-            "variants": sorted(result.summaries)}
+            "variants": sorted(result.summaries), "summaries": result.summaries}

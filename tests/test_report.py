@@ -1,7 +1,8 @@
 """Ablation over the demo grid (upstream stages once, one table row per variant) and the HTML report.
 
-The edit stage here is tests.metrics_factory's stand-in (synthetic edits and MP4s);
-every other stage is the real one on tiny presets.
+Every stage is the real one (fine-tuning, inversion and editing included) on tiny
+presets at 32 px with 4 DDIM and 4 fine-tuning steps: random weights, so the figures
+mean nothing, but every path a user's ablation takes is taken.
 """
 from __future__ import annotations
 
@@ -17,38 +18,46 @@ import pytest
 import yaml
 
 from flows.cli import demo_config
+from flows.pipeline import ablation_flow
 from scripts import check_report
 from storage import Ledger, StageKey
-from tasks import audio, depth, frames, latents, masks, metrics
+from tasks import audio, depth, frames, inversion, latents, masks, metrics
 from tasks.ablation import run_ablation
 from tasks.catalog import Catalog
 from tasks.config import ConfigError, load_config
 from tasks.stage import WorkItem
-from tests import metrics_factory
 
 REPO = Path(__file__).resolve().parents[1]
 
-UPSTREAM = [audio, frames, masks, depth, latents]
-# Four of the config's default variants, one run each (tasks.ablation.default_variants' form).
-VARIANTS = {v: {"stages.finetune.variants": [v]} for v in ("full", "no_tasi", "no_scene_masker", "no_frequency_fuser")}
+UPSTREAM = [audio, frames, masks, depth, latents, inversion]  # the same keys under every variant
+# The config's default variants: the method and its four ablations (the paper's Table 2 plus Magnitude Modulator).
+VARIANTS = ["full", "no_tasi", "no_scene_masker", "no_frequency_fuser", "no_magnitude_modulator"]
+EDITS = 2 * 4 * len(VARIANTS)
+
+
+def run_ablation_flow(path: Path) -> types.SimpleNamespace:
+    """`audioscenic ablation`'s flow; its tables read back at once (a later run rewrites the same files)."""
+    out = ablation_flow(str(path))
+    tables = {k: Path(v) for k, v in out["tables"].items()}
+    return types.SimpleNamespace(summaries=out["summaries"], tables=tables, report=Path(out["report"]),
+                                 by_variant=metrics.read_table(tables["by_variant"]),
+                                 per_edit=metrics.read_table(tables["metrics"]))
 
 
 @pytest.fixture(scope="module")
-def ablation(sample_data, tmp_path_factory):
+def ablation(prefect_server, sample_data, tmp_path_factory):
     """The demo config on the session's sample data (2 videos x 4 clips, 8 frames), 32 px, four variants."""
     work = tmp_path_factory.mktemp("ablation")
     cfg = demo_config(work)
     cfg["catalogs"] = {"videos": [{"kind": "davis", "root": str(sample_data.davis_root)}],
                        "audio": [{"kind": "esc50", "root": str(sample_data.esc50_root)}]}
-    cfg["stages"] = {"video": {"resolution": 32, "mask_source": "dataset"}}
+    cfg["stages"] = {"video": {"resolution": 32, "mask_source": "dataset"}, "inversion": {"steps": 4},
+                     "finetune": {"steps": 4}}
     cfg["report"] = {"thumb": 48}
     path = work / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(metrics, "edit_module", lambda: metrics_factory)
-        stages = [*UPSTREAM, metrics_factory.module()]
-        first = run_ablation(path, VARIANTS, stages, report=True)
-        again = run_ablation(path, VARIANTS, stages)
+    first = run_ablation_flow(path)
+    again = run_ablation_flow(path)
     return load_config(path), first, again
 
 
@@ -62,8 +71,10 @@ def test_upstream_stages_run_once_across_variants(ablation):
         assert all(r["status"] == "done" for r in rows)
         computed = [first.summaries[v][mod.STAGE]["computed"] for v in VARIANTS]
         assert computed == [len(ids)] + [0] * (len(VARIANTS) - 1), mod.STAGE
-    edits = len(first.rows) // len(VARIANTS)
-    assert edits == 2 * 4
+    # "w/o SceneMasker" trains exactly what "full" trains: it reuses full's fine-tuned weights.
+    assert [first.summaries[v]["finetune"]["computed"] for v in VARIANTS] == [2, 2, 0, 2, 2]
+    assert len(first.per_edit) == EDITS
+    edits = EDITS // len(VARIANTS)
     for stage in ("edit", "metrics"):
         rows = ledger.read(stage=stage).to_pylist()
         assert len(rows) == edits * len(VARIANTS) and {r["variant"] for r in rows} == set(VARIANTS)
@@ -71,14 +82,18 @@ def test_upstream_stages_run_once_across_variants(ablation):
 
 def test_one_table_row_per_variant_in_table_2_order(ablation):
     _, first, _ = ablation
-    table = metrics.read_table(first.tables["by_variant"])
-    assert [r["variant_name"] for r in table] == ["w/o TASI", "w/o SceneMasker", "w/o Frequency Fuser", "Ours"]
+    table = first.by_variant
+    assert [r["variant_name"] for r in table] == [
+        "w/o TASI", "w/o SceneMasker", "w/o Frequency Fuser", "w/o Magnitude Modulator", "Ours"]
     assert all(r["edits"] == 8 for r in table)
-    by = {r["variant"]: r for r in table}
-    # The stand-in edits keep the foreground except without SceneMasker: SSIM shows it.
-    assert by["no_scene_masker"]["masked_ssim"] < by["full"]["masked_ssim"]
-    per_edit = metrics.read_table(first.tables["metrics"])
-    assert len(per_edit) == 32 and all(r["temp_s"] == pytest.approx(r["clip_f"] * r["clip_t"]) for r in per_edit)
+    # Each variant's row is the mean of its own edits' rows.
+    per_edit = first.per_edit
+    for r in table:
+        own = [e["masked_ssim"] for e in per_edit if e["variant"] == r["variant"]]
+        assert r["masked_ssim"] == pytest.approx(sum(own) / len(own))
+    # Different switches give different edits (no variant silently reuses another's).
+    assert len({round(r["masked_ssim"], 9) for r in table}) == len(table)
+    assert len(per_edit) == EDITS and all(r["temp_s"] == pytest.approx(r["clip_f"] * r["clip_t"]) for r in per_edit)
 
 
 def test_a_second_ablation_run_does_no_stage_work(ablation):
@@ -86,7 +101,7 @@ def test_a_second_ablation_run_does_no_stage_work(ablation):
     for variant, stages in again.summaries.items():
         for stage, s in stages.items():
             assert s["computed"] == 0 and s["skipped"] == s["planned"]["done"] > 0, (variant, stage)
-    assert metrics.read_table(again.tables["by_variant"]) == metrics.read_table(first.tables["by_variant"])
+    assert again.by_variant == first.by_variant and again.per_edit == first.per_edit
 
 
 def test_ablation_refuses_variants_that_would_overwrite_each_others_edits(ablation, monkeypatch):
@@ -106,7 +121,7 @@ def test_report_folder_is_self_contained(ablation):
     root = first.report.parent
     page = first.report.read_text()
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["missing"] == [] and len(manifest["videos"]) == 32
+    assert manifest["missing"] == [] and len(manifest["videos"]) == EDITS
     assert set(manifest["tables"]) <= set(re.findall(r'<table id="([^"]+)"', page))
     assert check_report.static_problems(root, manifest) == []
     assert all((root / v).is_file() for v in manifest["videos"])
@@ -123,7 +138,7 @@ def test_report_renders_in_headless_chromium(ablation, tmp_path):
                         "--screenshot", str(shot)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads(r.stdout)
-    assert summary["videos"] == 32 and summary["tables"]["table-by-variant"] == 4 and shot.stat().st_size > 1000
+    assert summary["videos"] == EDITS and summary["tables"]["table-by-variant"] == len(VARIANTS) and shot.stat().st_size > 1000
 
     # The same check fails on a broken image, a missing video and a missing table.
     broken = tmp_path / "broken"
