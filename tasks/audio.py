@@ -21,7 +21,7 @@ from prefect import task
 from storage import StageKey
 from storage.hashing import file_fingerprint
 from tasks.stage import WorkItem, run_items
-from tasks.stage_task import StageCachePolicy, batch_summary, open_claims, open_store_and_ledger
+from tasks.stage_task import StageCachePolicy, run_logged_batch
 
 # ---------------------------------------------------------------- errors
 
@@ -375,5 +375,4 @@ def run_batch(cfg, items, store, ledger, progress=None, encoder: torch.nn.Module
 @task(name="audio-features", cache_policy=StageCachePolicy())
 def stage_task(cfg, items) -> dict:
     """Prefect task over one batch; returns ids only (the data is in Zarr)."""
-    store, ledger = open_store_and_ledger(cfg)
-    return batch_summary(run_batch(cfg, items, store, ledger, claims=open_claims(cfg)))
+    return run_logged_batch(STAGE, run_batch, cfg, items)

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from prefect import get_run_logger, task
+from prefect import task
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
@@ -54,7 +54,7 @@ from tasks import audio as audio_stage
 from tasks import diffusion
 from tasks import latents as latents_stage
 from tasks.stage import BatchResult, WorkItem
-from tasks.stage_task import StageCachePolicy, batch_summary, open_claims, open_store_and_ledger
+from tasks.stage_task import StageCachePolicy, run_logged_batch
 from tasks.video import VideoItemError, run_video_items
 
 STAGE = "finetune"
@@ -427,13 +427,4 @@ def run_batch(cfg, items: list[WorkItem], store: ArtifactStore, ledger: Ledger, 
 @task(name="finetune", cache_policy=StageCachePolicy())
 def stage_task(cfg, items: list[WorkItem]) -> dict[str, Any]:
     """Prefect task: one batch of fine-tuning items; returns a small summary (never the weights)."""
-    logger = get_run_logger()
-    store, ledger = open_store_and_ledger(cfg)
-
-    def progress(item, state):
-        logger.info("finetune %s: %s", item.item_id, state)
-
-    result = run_batch(cfg, items, store, ledger, progress=progress, claims=open_claims(cfg))
-    for iid, msg in result.failed.items():
-        logger.error("finetune %s failed: %s", iid, msg)
-    return batch_summary(result)
+    return run_logged_batch(STAGE, run_batch, cfg, items)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
 from tasks.stage import BatchResult, WorkItem
-from tasks.stage_task import StageCachePolicy, batch_summary, open_claims, open_store_and_ledger
+from tasks.stage_task import StageCachePolicy, run_logged_batch
 from tasks.video import (
     catalog_videos,
     entry_payload,
@@ -74,12 +74,4 @@ def run_batch(
 @task(name="frames", cache_policy=StageCachePolicy())
 def stage_task(cfg, items: list[WorkItem]) -> dict[str, Any]:
     """Prefect task: one batch of videos; returns a small summary (never the data)."""
-    logger = get_run_logger()
-    store, ledger = open_store_and_ledger(cfg)
-    def progress(item, state):
-        logger.info("frames %s: %s", item.item_id, state)
-
-    result = run_batch(cfg, items, store, ledger, progress=progress, claims=open_claims(cfg))
-    for vid, msg in result.failed.items():
-        logger.error("frames %s failed: %s", vid, msg)
-    return batch_summary(result)
+    return run_logged_batch(STAGE, run_batch, cfg, items)

@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
 from tasks import diffusion
 from tasks import latents as latents_stage
 from tasks.stage import BatchResult, WorkItem
-from tasks.stage_task import StageCachePolicy, batch_summary, open_claims, open_store_and_ledger
+from tasks.stage_task import StageCachePolicy, run_logged_batch
 from tasks.video import Lazy, run_video_items
 
 STAGE = "inversion"
@@ -170,13 +170,4 @@ def run_batch(cfg, items: list[WorkItem], store: ArtifactStore, ledger: Ledger, 
 @task(name="inversion", cache_policy=StageCachePolicy())
 def stage_task(cfg, items: list[WorkItem]) -> dict[str, Any]:
     """Prefect task: one batch of videos; returns a small summary (never the data)."""
-    logger = get_run_logger()
-    store, ledger = open_store_and_ledger(cfg)
-
-    def progress(item, state):
-        logger.info("inversion %s: %s", item.item_id, state)
-
-    result = run_batch(cfg, items, store, ledger, progress=progress, claims=open_claims(cfg))
-    for iid, msg in result.failed.items():
-        logger.error("inversion %s failed: %s", iid, msg)
-    return batch_summary(result)
+    return run_logged_batch(STAGE, run_batch, cfg, items)

@@ -48,12 +48,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import get_run_logger, task
+from prefect import task
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
 from tasks.stage import BatchResult, WorkItem
-from tasks.stage_task import StageCachePolicy, batch_summary, open_claims, open_store_and_ledger
+from tasks.stage_task import StageCachePolicy, open_store_and_ledger, run_logged_batch
 from tasks.video import Lazy, VideoItemError, model_identity, run_video_items
 
 # ----------------------------------------------------------------------------- SSIM
@@ -453,16 +453,7 @@ def run_batch(cfg, items: list[WorkItem], store: ArtifactStore, ledger: Ledger, 
 @task(name="metrics", cache_policy=StageCachePolicy())
 def stage_task(cfg, items: list[WorkItem]) -> dict[str, Any]:
     """Prefect task: one batch of edits; returns a small summary (never the data)."""
-    logger = get_run_logger()
-    store, ledger = open_store_and_ledger(cfg)
-
-    def progress(item, state):
-        logger.info("metrics %s: %s", item.item_id, state)
-
-    result = run_batch(cfg, items, store, ledger, progress=progress, claims=open_claims(cfg))
-    for item, msg in result.failed.items():
-        logger.error("metrics %s failed: %s", item, msg)
-    return batch_summary(result)
+    return run_logged_batch(STAGE, run_batch, cfg, items)
 
 
 # ----------------------------------------------------------------------------- tables

@@ -30,6 +30,23 @@ def open_store_and_ledger(cfg) -> tuple[ArtifactStore, Ledger]:
     return ArtifactStore(cfg.store_url, opts), Ledger(cfg.ledger_url, opts)
 
 
+def run_logged_batch(stage: str, run_batch, cfg, items: Sequence[WorkItem]) -> dict[str, Any]:
+    """The body of every stage's Prefect task: run one batch with its progress and failures in
+    the task run's log, and return a small summary (never the data, which is in Zarr)."""
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
+    store, ledger = open_store_and_ledger(cfg)
+
+    def progress(item, state):
+        logger.info("%s %s: %s", stage, item.item_id, state)
+
+    result = run_batch(cfg, list(items), store, ledger, progress=progress, claims=open_claims(cfg))
+    for item_id, msg in result.failed.items():
+        logger.error("%s %s failed: %s", stage, item_id, msg)
+    return batch_summary(result)
+
+
 def open_claims(cfg) -> Claims:
     """Work claims shared by every worker, so overlapping batches compute each artifact once."""
     return Claims(cfg.claims_url, cfg.storage.storage_options)
