@@ -19,7 +19,14 @@ from typing import Any
 
 import yaml
 
-from tasks.config import QUICK_STAGES, ConfigError, apply_overrides, config_from_dict, load_config
+from storage.files import atomic_path
+from tasks.config import (
+    QUICK_STAGES,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+)
 
 
 @dataclass(frozen=True)
@@ -114,20 +121,14 @@ def prepare(video: str, audio: str, config: str | None = None, workdir: str | No
                       "finetune": {**data.get("stages", {}).get("finetune", {}), "variants": [chosen]}}
     config_from_dict(data, work, "edit")  # validate before writing
     path = work / f"edit-{vid}-{aid}-{chosen}.yaml"
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     return SingleEdit(path, vid, aid, sid, chosen)
 
 
 def deliver(mp4: Path, out: Path) -> Path:
     """Copy the edit's MP4 to the user's path, atomically (never a half-copied file under `out`)."""
     out = Path(out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(out) as tmp:
         shutil.copyfile(mp4, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
 from storage import Ledger, StageKey
+from storage.files import atomic_path
 from storage.hashing import hash_file, hash_files
 from tasks.ids import is_valid_utf8_name, unique_ids
 from tasks.media import (
@@ -309,14 +310,10 @@ def build_catalog(sources: Iterable[dict[str, Any]], progress: Progress = None) 
 def write_catalog(cat: Catalog, path: str | Path) -> Path:
     """Parquet of entries, plus a JSON of issues beside it; both written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(cat.table(), tmp)
-    os.replace(tmp, path)
-    issues = path.with_suffix(".issues.json")
-    tmp = issues.with_name(f".{issues.name}.tmp")
-    tmp.write_text(json.dumps([asdict(i) for i in cat.issues], indent=1))
-    os.replace(tmp, issues)
+    with atomic_path(path) as tmp:
+        pq.write_table(cat.table(), tmp)
+    with atomic_path(path.with_suffix(".issues.json")) as tmp:
+        tmp.write_text(json.dumps([asdict(i) for i in cat.issues], indent=1))
     return path
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
@@ -43,6 +42,7 @@ from prefect import task
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
+from storage.files import atomic_path
 from tasks import audio as audio_stage
 from tasks import depth as depth_stage
 from tasks import diffusion
@@ -246,10 +246,9 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, audio: np
     import av
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     _, h, w, _ = frames.shape
-    try:
+    # Readers never see a half-written file under the final name.
+    with atomic_path(path) as tmp:
         with av.open(str(tmp), "w", format="mp4") as c:
             vs = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
@@ -275,9 +274,6 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, audio: np
                         c.mux(packet)
                 for packet in a_s.encode(None):
                     c.mux(packet)
-        os.replace(tmp, path)  # readers never see a half-written file under the final name
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -49,6 +49,7 @@ from prefect import task
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
+from storage.files import atomic_path
 from storage.hashing import hash_file
 from tasks import audio as audio_stage
 from tasks import diffusion
@@ -201,13 +202,8 @@ def _draw(gen: torch.Generator, shape, num_train: int, dropout: float):
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(path) as tmp:  # a kill leaves the previous checkpoint or the new one, never half of one
         torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint or the new one, never half of one
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def train(

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from prefect import task
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
+from storage.files import atomic_path
 from tasks.stage import BatchResult, WorkItem
 from tasks.stage_task import StageCachePolicy, open_store_and_ledger, run_logged_batch
 from tasks.video import Lazy, VideoItemError, model_identity, run_video_items
@@ -513,13 +513,8 @@ def aggregate_by_variant(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     """Write to a hidden temporary name beside `path`, then rename: readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
