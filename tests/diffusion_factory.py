@@ -11,6 +11,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
+
 from tasks import audio, depth, frames, latents, masks
 from tasks.catalog import build_catalog
 from tasks.config import config_from_dict
@@ -20,6 +23,15 @@ from tasks.stage_task import open_store_and_ledger
 FRAMES, RES = 4, 64
 UPSTREAM = [audio, frames, masks, depth, latents]
 _TEMPLATE: dict[str, Any] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one torch thread is as fast, and does not spin against other jobs on shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def settings(workdir: Path, **stages) -> dict[str, Any]:

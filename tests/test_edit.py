@@ -12,17 +12,9 @@ import torch
 from tasks import edit, finetune, inversion, metrics
 from tasks.stage_task import open_store_and_ledger
 from tests import diffusion_factory as fx
+from tests.diffusion_factory import one_thread  # noqa: F401  (autouse fixture)
 
 EDIT = {"guidance_scale": 5.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one torch thread is as fast, and does not spin against other jobs on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

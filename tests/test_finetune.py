@@ -15,15 +15,7 @@ from tasks.config import ConfigError
 from tasks.stage import plan
 from tasks.stage_task import open_store_and_ledger
 from tests import diffusion_factory as fx
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one torch thread is as fast, and does not spin against other jobs on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.diffusion_factory import one_thread  # noqa: F401  (autouse fixture)
 
 
 def test_300_steps_lower_the_loss_and_commit_weights_and_json(tmp_path):
