@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,10 +61,17 @@ def cmd_sample_data(args) -> int:
     return EXIT_OK
 
 
+def _bars() -> bool:
+    """Progress bars only on a terminal (logs and CI get the per-item log lines instead)."""
+    return sys.stderr.isatty()
+
+
 def _run(config_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     from flows.pipeline import pipeline_flow
+    from flows.progress import show_progress
 
-    return pipeline_flow(str(config_path), overrides or None)
+    with show_progress(_bars()):
+        return pipeline_flow(str(config_path), overrides or None)
 
 
 def _summarise(summary: dict[str, Any], cfg) -> int:
@@ -222,7 +230,10 @@ def cmd_ablation(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    out = ablation_flow(str(args.config), args.variants or None, overrides or None)
+    from flows.progress import show_progress
+
+    with show_progress(_bars()):
+        out = ablation_flow(str(args.config), args.variants or None, overrides or None)
     print(f"variants: {', '.join(out['variants'])}")
     for name, path in out["tables"].items():
         print(f"table {name}: {path}")
@@ -303,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if _bars():
+        # On a terminal the bars show progress; per-item INFO lines would scroll them away
+        # (they stay in the Prefect UI). PREFECT_LOGGING_LEVEL set by the user wins.
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from flows import progress
 from storage import Ledger
 from tasks.stage import PlanEntry, WorkItem, plan
 
@@ -38,6 +39,7 @@ def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1) -> di
                                "skipped": len(items) - len(todo), "failed": {}, "busy": 0}
     if not todo:
         return summary
+    progress.stage_planned(mod.STAGE, len(todo))
     section = getattr(cfg.stages, getattr(mod, "CONFIG_SECTION", mod.STAGE), None)
     batch_size = getattr(section, "batch_size", 16)
     pending = []
@@ -45,10 +47,16 @@ def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1) -> di
         # Bounded concurrency: wait for the oldest batch before submitting past the bound.
         if len(pending) >= max_concurrency:
             _merge(summary, pending.pop(0).result())
+            progress.batch_finished(mod.STAGE, _finished(summary))
         pending.append(mod.stage_task.submit(cfg, batch))
     for fut in pending:
         _merge(summary, fut.result())
+        progress.batch_finished(mod.STAGE, _finished(summary))
     return summary
+
+
+def _finished(summary: dict[str, Any]) -> int:
+    return summary["computed"] + summary["adopted"] + len(summary["failed"]) + summary["busy"]
 
 
 def _merge(summary: dict[str, Any], result: dict[str, Any]) -> None:

@@ -30,6 +30,15 @@ def open_store_and_ledger(cfg) -> tuple[ArtifactStore, Ledger]:
     return ArtifactStore(cfg.store_url, opts), Ledger(cfg.ledger_url, opts)
 
 
+_item_listener = None  # called (stage, state) as each item finishes; the CLI's progress bars set it
+
+
+def set_item_listener(fn) -> None:
+    """Report every finished item of in-process stage tasks to fn(stage, state); None stops it."""
+    global _item_listener
+    _item_listener = fn
+
+
 def run_logged_batch(stage: str, run_batch, cfg, items: Sequence[WorkItem]) -> dict[str, Any]:
     """The body of every stage's Prefect task: run one batch with its progress and failures in
     the task run's log, and return a small summary (never the data, which is in Zarr)."""
@@ -40,6 +49,9 @@ def run_logged_batch(stage: str, run_batch, cfg, items: Sequence[WorkItem]) -> d
 
     def progress(item, state):
         logger.info("%s %s: %s", stage, item.item_id, state)
+        listener = _item_listener
+        if listener is not None:
+            listener(stage, state)
 
     result = run_batch(cfg, list(items), store, ledger, progress=progress, claims=open_claims(cfg))
     for item_id, msg in result.failed.items():
