@@ -1,11 +1,13 @@
 """Seconds per denoising step and peak memory: inversion, editing and fine-tuning steps vs a 2D baseline.
 
     .venv/bin/python benchmarks/bench_diffusion.py [OUT_JSON] [--quick] [--threads N] [--device cpu|cuda]
+        [--case PRESET:LATENT:FRAMES ...] [--precision float32|autocast] [--repeats N] [--memory-in-process]
 
 OUT_JSON defaults to benchmarks/results/diffusion.json. Cases: the tiny preset at
 8x8 latents x 8 frames (the demo's 64 px) and sd21-unclip-h at 16x16 latents
-(128 px) x 2 frames, random weights, float32, one video. Modes, each one step of
-the code the stages run:
+(128 px) x 2 frames, random weights, float32, one video; `--case` (repeatable)
+replaces them, e.g. `--case tiny:8:8 --case sd21-unclip-h:64:8` (LATENT is the
+latent side, pixels = 8 x LATENT). Modes, each one step of the code the stages run:
 
 * baseline_2d_cfg: what editing frame by frame with the plain base would cost per
   step: the diffusers 2D U-Net on all frames folded into the batch, doubled for
@@ -26,11 +28,22 @@ subprocess, after a warm-up: VmHWM - VmRSS across one more step after resetting
 the high-water mark (/proc/self/clear_refs), i.e. what the step needs beyond the
 weights already resident; for fine-tuning that includes the gradients and AdamW's
 state, which a run holds for all its steps. On CUDA: max_memory_allocated minus
-the memory allocated before.
+the memory allocated before; there `--memory-in-process` takes that measurement in
+the timing process, after the timed rounds, instead of in four fresh processes (the
+allocator's counters need no fresh process; it saves four model builds per case).
+
+Precision: weights are float32. `--precision autocast` runs the inference modes
+(baseline_2d_cfg, inversion, edit) under torch.autocast(device, bfloat16); it only
+applies on CUDA (on a CPU they stay float32, and the JSON says so). Fine-tuning
+runs as tasks.finetune.train decides: float32 on a CPU, bfloat16 autocast (float16
+with a gradient scaler where bfloat16 is unsupported) with gradient checkpointing
+on CUDA, whatever --precision says. Each mode's entry records its "precision".
+The JSON is rewritten after each case, so a run cut short keeps the finished cases.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import itertools
@@ -47,8 +60,33 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "diffusion.json"
 MODES = ("baseline_2d_cfg", "inversion", "edit", "finetune")
+INFERENCE_MODES = ("baseline_2d_cfg", "inversion", "edit")
 BASELINE = "baseline_2d_cfg"
 GUIDANCE = 7.5
+PRECISIONS = ("float32", "autocast")
+DEFAULT_CASES = [("tiny", 8, 8), ("sd21-unclip-h", 16, 2)]
+
+
+def parse_case(text: str) -> tuple[str, int, int]:
+    """'PRESET:LATENT:FRAMES' -> (preset, latent side, frames)."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 3 or not parts[0]:
+            raise ValueError
+        latent, frames = int(parts[1]), int(parts[2])
+        if latent <= 0 or frames <= 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"case must be PRESET:LATENT:FRAMES with positive integers, e.g. tiny:8:8; got '{text}'") from None
+    return parts[0], latent, frames
+
+
+def inference_precision(device: str, precision: str) -> str:
+    """What the inference modes run in: autocast applies on CUDA only."""
+    if precision == "autocast" and device.startswith("cuda"):
+        return "bfloat16 autocast"
+    return "float32"
 
 
 def _status_kb(field: str) -> int:
@@ -104,6 +142,13 @@ def _setup(spec: dict):
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     dev = torch.device(spec["device"])
+    precision = {m: inference_precision(spec["device"], spec.get("precision", "float32")) for m in INFERENCE_MODES}
+
+    def amp():
+        if precision[BASELINE] == "bfloat16 autocast":
+            return torch.autocast(dev.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     Fr, S = spec["frames"], spec["latent"]
     model = preset(spec["preset"], seed=0).to(dev)
     unet2d = model.unet  # outside a 3D forward: the plain diffusers 2D U-Net, same weights
@@ -128,7 +173,7 @@ def _setup(spec: dict):
             torch.cuda.synchronize()
 
     def baseline():
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             x = z[0].transpose(0, 1)  # (F, C, h, w): frames folded
             down, mid = controlnet_residuals(cn, z, t_ref, prompt, depth)
             xx = torch.cat([x, x])
@@ -139,19 +184,22 @@ def _setup(spec: dict):
             ref.step(u + GUIDANCE * (c - u), t_ref, x)
 
     def invert():
-        inversion.invert_latents(model, one, z, prompt)
+        with amp():
+            inversion.invert_latents(model, one, z, prompt)
 
     def edit_step():
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             edit.edit_latents(model, one, z, prompt, audio, GUIDANCE, mask=mask, controlnet=cn, control=depth)
 
     step_times: list[float] = []
 
     def train(n=3):
         marks = [time.perf_counter()]
-        finetune.train(model, z, audio, prompt, one.alphas_cumprod.to(dev),
-                       finetune.TrainSettings(steps=n, checkpoint_every=10**6),
-                       callback=lambda s, loss: (sync(), marks.append(time.perf_counter())))
+        res = finetune.train(model, z, audio, prompt, one.alphas_cumprod.to(dev),
+                             finetune.TrainSettings(steps=n, checkpoint_every=10**6),
+                             callback=lambda s, loss: (sync(), marks.append(time.perf_counter())))
+        precision["finetune"] = (f"{res.mixed_precision} autocast + gradient checkpointing"
+                                 if res.gradient_checkpointing else res.mixed_precision)
         step_times.extend(b - a for a, b in itertools.pairwise(marks[1:]))  # steps after the first
 
     fns = {"baseline_2d_cfg": baseline, "inversion": invert, "edit": edit_step, "finetune": train}
@@ -165,6 +213,7 @@ def _setup(spec: dict):
         "params_unet_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "params_trainable_m": sum(p.numel() for p in model.trainable_parameters()) / 1e6,
         "params_controlnet_m": sum(p.numel() for p in cn.parameters()) / 1e6,
+        "precision": precision,  # finetune's entry appears once it has run
     }
     return run, step_times, info
 
@@ -182,16 +231,29 @@ def timing_worker(spec: dict) -> dict:
             if mode != "finetune":
                 times[mode].append(time.perf_counter() - t0)
     times["finetune"] = list(step_times)
-    return {"times_s": times, **info}
+    out = {"times_s": times, **info}
+    if spec.get("memory_in_process"):
+        # Every mode is warm by now; the allocator's counters make each step's peak exact (CUDA).
+        out["memory"] = {}
+        for mode in MODES:
+            gc.collect()
+            m = _measure_peak(run, mode, spec["device"])
+            out["memory"][mode] = {**m, "memory_method": m["memory_method"] + " (in the timing process)"}
+    return out
 
 
 def memory_worker(spec: dict) -> dict:
-    import torch
-
     run, _, _ = _setup(spec)
     mode = spec["mode"]
     run(mode)  # warm-up: one-time workspaces are not part of the steady state
-    if spec["device"] == "cuda":
+    return _measure_peak(run, mode, spec["device"])
+
+
+def _measure_peak(run, mode: str, device: str) -> dict:
+    """Peak memory of one more step of `mode` (already warmed up) beyond what is resident before it."""
+    import torch
+
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         run(mode)
@@ -210,10 +272,29 @@ def memory_worker(spec: dict) -> dict:
             "memory_method": "ru_maxrss delta (lower bound)"}
 
 
+def _write(path: Path, out: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    tmp.replace(path)
+
+
+def _machine(device: str) -> dict:
+    import torch
+
+    m = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+         "loadavg_at_end": os.getloadavg(), "torch": torch.__version__}
+    if device.startswith("cuda"):
+        m.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return m
+
+
 def _subprocess(kind: str, spec: dict) -> dict:
     proc = subprocess.run(
         [sys.executable, __file__, f"--{kind}-worker", json.dumps(spec)],
-        capture_output=True, text=True, check=False, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, check=False, cwd=ROOT,
+        # Keep an inherited PYTHONPATH (e.g. wheels installed with --target) behind the repo.
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)},
     )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark {kind} worker failed for {spec}:\n{proc.stderr[-3000:]}")
@@ -227,6 +308,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--case", action="append", type=parse_case, metavar="PRESET:LATENT:FRAMES",
+                    help="a case to run (repeatable); replaces the default cases (and --quick)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="float32",
+                    help="inference modes: float32, or bfloat16 autocast (CUDA only; float32 on a CPU)")
+    ap.add_argument("--memory-in-process", action="store_true",
+                    help="CUDA: measure each mode's peak in the timing process after the timed rounds instead of "
+                         "one fresh process per mode (the allocator's counters are exact either way; saves four "
+                         "model builds per case)")
     ap.add_argument("--timing-worker", help=argparse.SUPPRESS)
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -237,22 +326,34 @@ def main(argv=None) -> int:
         print(json.dumps(memory_worker(json.loads(args.memory_worker))))
         return 0
 
-    cases = [("tiny", 8, 8)]
-    if not args.quick:
-        cases += [("sd21-unclip-h", 16, 2)]
+    if args.memory_in_process and args.device != "cuda":
+        ap.error("--memory-in-process needs --device cuda (a CPU's RSS peaks need a fresh process per mode)")
+    if args.case:
+        from models.unet3d import PRESETS
+
+        unknown = sorted({c[0] for c in args.case} - set(PRESETS))
+        if unknown:
+            ap.error(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
+        cases = list(args.case)
+    else:
+        cases = DEFAULT_CASES[:1] if args.quick else list(DEFAULT_CASES)
+    path = Path(args.out)
     results = []
+    out = {"benchmark": "diffusion", "device": args.device, "baseline": BASELINE, "precision": args.precision}
     for preset_name, latent, frames in cases:
         repeats = max(args.repeats, 10) if preset_name == "tiny" else args.repeats
         spec = {"preset": preset_name, "latent": latent, "frames": frames, "device": args.device,
-                "repeats": repeats, "threads": args.threads}
+                "repeats": repeats, "threads": args.threads, "precision": args.precision,
+                "memory_in_process": args.memory_in_process}
         timing = _subprocess("timing", spec)
         row = {"preset": preset_name, "latent": [latent, latent], "pixels": [8 * latent, 8 * latent],
                "frames": frames, "batch": 1, "dtype": "float32", "guidance_scale": GUIDANCE,
-               **{k: v for k, v in timing.items() if k != "times_s"}}
+               **{k: v for k, v in timing.items() if k not in ("times_s", "precision", "memory")}}
         for mode in MODES:
             ts = timing["times_s"][mode]
+            mem = timing["memory"][mode] if "memory" in timing else _subprocess("memory", {**spec, "mode": mode})
             row[mode] = {"time_s": statistics.median(ts), "time_min_s": min(ts), "times_s": ts,
-                         **_subprocess("memory", {**spec, "mode": mode})}
+                         "precision": timing["precision"][mode], **mem}
         base = row[BASELINE]
         for mode in MODES:
             r = row[mode]
@@ -265,22 +366,9 @@ def main(argv=None) -> int:
                   f"x{r['ratio_vs_baseline']['time_median']:.2f} time, x{r['ratio_vs_baseline']['peak_memory']:.2f} mem",
                   flush=True)
         results.append(row)
+        _write(path, {**out, "machine": _machine(args.device), "results": results})  # what is done so far
 
-    import torch
-
-    out = {
-        "benchmark": "diffusion",
-        "device": args.device,
-        "baseline": BASELINE,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "loadavg_at_end": os.getloadavg(), "torch": torch.__version__},
-        "results": results,
-    }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(path)
+    _write(path, {**out, "machine": _machine(args.device), "results": results})
     print(f"wrote {path}")
     return 0
 
