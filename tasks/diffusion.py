@@ -98,6 +98,15 @@ def scheduler_identity(cfg) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- loaders
 
 
+def inference_autocast(cfg):
+    """The precision context of inversion and editing forwards (models.precision)."""
+    import contextlib
+
+    if cfg.models.precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(cfg.models.device).type, dtype=torch.bfloat16)
+
+
 def load_scheduler_config(cfg) -> dict[str, Any]:
     from models.checkpoints import MissingWeightsError
     from models.ddim import tiny_scheduler_config

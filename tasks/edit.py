@@ -84,7 +84,7 @@ def params(cfg, variant: str, fps: float) -> dict[str, Any]:
     return {
         "variant": variant, "unet3d": diffusion.unet_config(cfg, variant), "guidance_scale": e.guidance_scale,
         "controlnet": {"scale": e.controlnet_scale, "model": diffusion.controlnet_identity(cfg)} if e.controlnet else None,
-        "foreground_blend": e.foreground_blend, "fps": fps, "mp4": e.write_mp4,
+        "foreground_blend": e.foreground_blend, "fps": fps, "mp4": e.write_mp4, "precision": cfg.models.precision,
         "audio_track": "driving clip, trimmed or zero-padded to the video",
     }
 
@@ -402,11 +402,12 @@ def _edit_group(cfg, session: EditSession, items: Sequence[WorkItem]) -> None:
             raise VideoItemError(first.video_id, "foreground blending needs the inversion trajectory of "
                                  f"{ddim.steps} steps ({first.payload['inversion_artifact']})")
         blend = (v["trajectory"], v["latent_mask"])
-    lat = edit_latents(
-        unet, ddim, z_T, session.prompt(), audio, e.guidance_scale, mask=mask,
-        controlnet=session.controlnet() if e.controlnet else None, control=v.get("control"),
-        controlnet_scale=e.controlnet_scale, blend=blend,
-    )
+    with diffusion.inference_autocast(cfg):
+        lat = edit_latents(
+            unet, ddim, z_T, session.prompt(), audio, e.guidance_scale, mask=mask,
+            controlnet=session.controlnet() if e.controlnet else None, control=v.get("control"),
+            controlnet_scale=e.controlnet_scale, blend=blend,
+        ).float()
     for k, it in enumerate(items):
         stored = lat[k : k + 1]
         frames = decode_latents(session.vae(), stored[0].permute(1, 0, 2, 3), e.decode_chunk)

@@ -58,7 +58,7 @@ def params(cfg, model: dict[str, Any]) -> dict[str, Any]:
     s = cfg.stages.inversion
     return {
         "steps": s.steps, "fixed_point_iters": s.fixed_point_iters, "trajectory": keeps_trajectory(cfg),
-        "condition": "zero audio, blank prompt", "model": model,
+        "condition": "zero audio, blank prompt", "model": model, "precision": cfg.models.precision,
     }
 
 
@@ -137,7 +137,9 @@ def compute(cfg, item: WorkItem, writer: ArtifactWriter, store: ArtifactStore, m
     prompt = diffusion.blank_prompt(cfg).to(unet.device)
     z0 = diffusion.to_model_layout(lat["latents"]).to(unet.device, torch.float32)
     started = time.time()
-    z_T, traj = invert_latents(unet, ddim, z0, prompt, keeps_trajectory(cfg), s.fixed_point_iters)
+    with diffusion.inference_autocast(cfg):
+        z_T, traj = invert_latents(unet, ddim, z0, prompt, keeps_trajectory(cfg), s.fixed_point_iters)
+    z_T, traj = z_T.float(), (None if traj is None else [x.float() for x in traj])
     writer.write("z_T", diffusion.to_stored_layout(z_T))
     writer.write("timesteps", ddim.timesteps.numpy().astype(np.int64))
     if traj is not None:
