@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import itertools
 import json
@@ -55,6 +54,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from peak_memory import peak_mb  # benchmarks/ (the script's folder) is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -89,24 +90,6 @@ def inference_precision(device: str, precision: str) -> str:
     return "float32"
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def _controlnet(preset: str, seed: int = 0):
@@ -251,25 +234,8 @@ def memory_worker(spec: dict) -> dict:
 
 def _measure_peak(run, mode: str, device: str) -> dict:
     """Peak memory of one more step of `mode` (already warmed up) beyond what is resident before it."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run(mode)
-        return {"peak_step_mb": (torch.cuda.max_memory_allocated() - base) / 2**20,
-                "memory_method": "torch.cuda.max_memory_allocated"}
-    if _reset_peak():
-        base = _status_kb("VmRSS")
-        run(mode)
-        return {"peak_step_mb": (_status_kb("VmHWM") - base) / 1024,
-                "memory_method": "VmHWM - VmRSS after /proc/self/clear_refs"}
-    import resource
-
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run(mode)
-    return {"peak_step_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,
-            "memory_method": "ru_maxrss delta (lower bound)"}
+    mb, method = peak_mb(lambda: run(mode), device)
+    return {"peak_step_mb": mb, "memory_method": method}
 
 
 def _write(path: Path, out: dict) -> None:

@@ -27,41 +27,22 @@ lower bound. On CUDA: torch.cuda.max_memory_allocated minus the memory allocated
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from peak_memory import peak_mb  # benchmarks/ (the script's folder) is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "unet3d.json"
 MODES = ("2d_per_frame", "2d_folded", "inflated")
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back so RSS is a fair baseline
-    except OSError:
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def _setup(spec: dict):
@@ -131,26 +112,12 @@ def timing_worker(spec: dict) -> dict:
 
 
 def memory_worker(spec: dict) -> dict:
-    import torch
 
     run, _ = _setup(spec)
     mode = spec["mode"]
     run(mode)  # warm-up: one-time workspaces are not part of the steady state
-    if spec["device"] == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run(mode)
-        return {"peak_forward_mb": (torch.cuda.max_memory_allocated() - base) / 2**20,
-                "memory_method": "torch.cuda.max_memory_allocated"}
-    if _reset_peak():
-        base = _status_kb("VmRSS")
-        run(mode)
-        return {"peak_forward_mb": (_status_kb("VmHWM") - base) / 1024,
-                "memory_method": "VmHWM - VmRSS after /proc/self/clear_refs"}
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run(mode)
-    return {"peak_forward_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,
-            "memory_method": "ru_maxrss delta (lower bound)"}
+    mb, method = peak_mb(lambda: run(mode), spec["device"])
+    return {"peak_forward_mb": mb, "memory_method": method}
 
 
 def _subprocess(kind: str, spec: dict) -> dict:

@@ -4,7 +4,10 @@ Each benchmark measures its own baseline in the same run and reports ratios;
 this script only runs them one after another (never in parallel: they would
 time each other) and merges their JSON files.
 
-Usage: python benchmarks/run_all.py [out.json] [--only NAME ...]
+Usage: python benchmarks/run_all.py [out.json] [--only NAME ...] [--collect]
+
+--collect runs nothing: it merges the latest results/<name>.json of every benchmark
+(e.g. after rerunning one of them alone) into out.json, with each file's time.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?", default=str(HERE / "results" / "all.json"))
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--collect", action="store_true", help="merge the existing results without running anything")
     args = ap.parse_args(argv)
     results: dict = {"machine": {"python": platform.python_version(), "platform": platform.platform()},
                      "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -34,6 +38,14 @@ def main(argv=None) -> int:
             results[name] = {"skipped": "benchmark not present"}
             continue
         out = HERE / "results" / f"{name}.json"
+        if args.collect:
+            if out.exists():
+                results[name] = {**json.loads(out.read_text()),
+                                 "written": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(out.stat().st_mtime))}
+            else:
+                failed.append(name)
+                results[name] = {"error": f"no {out.name}: run benchmarks/bench_{name}.py"}
+            continue
         t0 = time.time()
         r = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True)
         if r.returncode != 0 or not out.exists():
