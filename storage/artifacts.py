@@ -86,6 +86,15 @@ class ArtifactWriter:
         self._group.attrs.update(attrs)
 
 
+def _open_or_create_group(store, path: str = "") -> zarr.Group:
+    """Open the group at `path`, creating it if absent. Two workers may both find it absent and
+    both create it: the loser's create fails with ContainsGroupError, and it opens the winner's."""
+    try:
+        return zarr.open_group(store=store, path=path, mode="a")
+    except zarr.errors.ContainsGroupError:
+        return zarr.open_group(store=store, path=path, mode="r+")
+
+
 class ArtifactStore:
     def __init__(self, url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None):
         self.url = os.fspath(url)
@@ -97,7 +106,7 @@ class ArtifactStore:
             local = Path(self.url.removeprefix("file://")).expanduser()
             local.mkdir(parents=True, exist_ok=True)
             self._store = zarr.storage.LocalStore(str(local))
-        self._root = zarr.open_group(store=self._store, mode="a")
+        self._root = _open_or_create_group(self._store)
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url!r})"
@@ -166,7 +175,7 @@ class ArtifactStore:
         rewriting never leaves an old-key artifact that looks current with new data.
         """
         check_artifact_path(path)
-        g = zarr.open_group(store=self._store, path=path, mode="a")
+        g = _open_or_create_group(self._store, path)
         g.attrs.put({"complete": False})
         for name, _ in list(g.arrays()):
             del g[name]

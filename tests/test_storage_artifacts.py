@@ -92,3 +92,44 @@ def test_bfloat16_refused(tmp_path):
 
     with pytest.raises(TypeError, match="bfloat16"):
         ArtifactStore(tmp_path).write("a/b", "k", {"x": np.asarray(torch.zeros(2, dtype=torch.bfloat16).view(torch.int16).numpy().view("V2"))})
+
+
+def test_a_store_another_worker_creates_first_still_opens(tmp_path, monkeypatch):
+    """Two workers starting on an empty store both find it absent; the loser's create must not fail."""
+    import zarr
+
+    real = zarr.open_group
+
+    def lose_the_race(*args, mode=None, **kwargs):
+        if mode == "a":
+            real(*args, mode="a", **kwargs)  # the other worker creates the group first
+            raise zarr.errors.ContainsGroupError("A group exists in store")
+        return real(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(zarr, "open_group", lose_the_race)
+    s = ArtifactStore(tmp_path / "store.zarr")
+    s.write("audio/x", "k1", {"a": np.arange(3)})
+    monkeypatch.undo()
+    assert np.array_equal(ArtifactStore(tmp_path / "store.zarr").read("audio/x", "k1")["a"], np.arange(3))
+
+
+def test_workers_opening_one_new_store_at_once(tmp_path):
+    import threading
+
+    barrier, errors = threading.Barrier(6), []
+
+    def worker(i):
+        try:
+            barrier.wait()
+            ArtifactStore(tmp_path / "store.zarr").write(f"audio/c{i}", f"k{i}", {"a": np.full(4, i)})
+        except Exception as e:  # pragma: no cover - the failure being tested for
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    s = ArtifactStore(tmp_path / "store.zarr")
+    assert all(np.array_equal(s.read(f"audio/c{i}", f"k{i}")["a"], np.full(4, i)) for i in range(6))
