@@ -22,7 +22,7 @@ EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE = 0, 1, 2
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    return Console(stderr=False, highlight=False, soft_wrap=True)  # never break a path across lines
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
