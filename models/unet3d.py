@@ -231,6 +231,14 @@ class AudioCondition:
             active=torch.cat([torch.zeros_like(active, dtype=torch.bool), active.bool()]),
         )
 
+    def frames(self, index: torch.Tensor) -> AudioCondition:
+        """The condition of the frames `index` (a window of a span; models.windows)."""
+        return dataclasses.replace(
+            self,
+            magnitude=None if self.magnitude is None else self.magnitude.index_select(1, index.to(self.magnitude.device)),
+            mel=None if self.mel is None else self.mel.index_select(1, index.to(self.mel.device)),
+        )
+
     def _batch(self) -> int | None:
         for x in (self.embedding, self.magnitude, self.mel):
             if x is not None:
@@ -358,9 +366,12 @@ class _Runtime:
 
 
 class _State:
-    def __init__(self, *, config, frames, temb_f, temb_uf, mask, mm_scale, mel, active, level_sizes):
+    def __init__(self, *, config, frames, temb_f, temb_uf, mask, mm_scale, mel, active, level_sizes, anchored=False):
         self.config: UNet3DConfig = config
         self.frames: int = frames
+        # Frame 0 of each sample is the span's anchor (models.windows): a clip of its own for
+        # every temporal part, and the key/value frame 0 of the window's sparse-causal attention.
+        self.anchored: bool = anchored
         self.temb_f = temb_f  # (B*F, T) with the audio
         self.temb_uf = temb_uf  # (B*F, T) with the zero embedding
         self.mask = mask  # (B*F, 1, H, W) or None, 1 = foreground
@@ -400,13 +411,32 @@ def _temporal_conv(conv: nn.Conv3d, h: torch.Tensor, frames: int) -> torch.Tenso
     return y.transpose(1, 2).reshape(bf, c, H, W)
 
 
-def _sparse_causal_kv(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """(B*F, N, C) -> (B*F, 2N, C): for frame i the tokens of frame 0 and frame max(i-1, 0)."""
+def _sparse_causal_kv(x: torch.Tensor, frames: int, anchored: bool = False) -> torch.Tensor:
+    """(B*F, N, C) -> (B*F, 2N, C): for frame i the tokens of frame 0 and frame max(i-1, 0).
+
+    Anchored (frame 0 is the span's anchor, frames 1.. a window): the window's first
+    frame has no previous frame in the window and takes itself, as frame 0 of a span does.
+    """
     bf, n, c = x.shape
     v = x.view(bf // frames, frames, n, c)
     first = v[:, :1].expand(-1, frames, -1, -1)
-    prev = v[:, (torch.arange(frames, device=x.device) - 1).clamp(min=0)]
+    prev_idx = torch.arange(frames, device=x.device) - 1
+    if anchored:
+        prev_idx[1:] = prev_idx[1:].clamp(min=1)
+    prev = v[:, prev_idx.clamp(min=0)]
     return torch.cat([first, prev], dim=2).reshape(bf, 2 * n, c)
+
+
+def _per_clip(h: torch.Tensor, frames: int, anchored: bool, op) -> torch.Tensor:
+    """op(h (b*f, ...), f) over each clip: with an anchor, frame 0 of each sample is a 1-frame clip
+    of its own and frames 1.. are the window, so no temporal part mixes the anchor into the window."""
+    if not anchored:
+        return op(h, frames)
+    b, rest = h.shape[0] // frames, h.shape[1:]
+    v = h.view(b, frames, *rest)
+    a = op(v[:, :1].reshape(b, *rest), 1)
+    w = op(v[:, 1:].reshape(b * (frames - 1), *rest), frames - 1)
+    return torch.cat([a.view(b, 1, *rest), w.view(b, frames - 1, *rest)], 1).view(h.shape)
 
 
 # --------------------------------------------------------------------------- swapped blocks
@@ -439,7 +469,7 @@ class InflatedResnetBlock2D(ResnetBlock2D):
             x, h = self.downsample(x), self.downsample(h)
         h = self.conv1(h)
         if self.temporal_conv1 is not None:
-            h = h + _temporal_conv(self.temporal_conv1, h, f)
+            h = h + _per_clip(h, f, st.anchored, lambda y, n: _temporal_conv(self.temporal_conv1, y, n))
 
         m = st.mask_at(h.shape[-2:], h.dtype)
         if self.time_emb_proj is not None:
@@ -464,7 +494,7 @@ class InflatedResnetBlock2D(ResnetBlock2D):
         h = self.dropout(self.nonlinearity(h))
         h = self.conv2(h)
         if self.temporal_conv2 is not None:
-            h = h + _temporal_conv(self.temporal_conv2, h, f)
+            h = h + _per_clip(h, f, st.anchored, lambda y, n: _temporal_conv(self.temporal_conv2, y, n))
 
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x.contiguous() if self.training else x)
@@ -516,7 +546,7 @@ class InflatedTransformerBlock(BasicTransformerBlock):
         if st.config.sparse_causal_attention:
             if attention_mask is not None:
                 raise NotImplementedError("attention_mask cannot be combined with sparse-causal attention")
-            kv = _sparse_causal_kv(norm, f)
+            kv = _sparse_causal_kv(norm, f, st.anchored)
         attn = self.attn1(norm, encoder_hidden_states=kv, attention_mask=attention_mask, **kwargs)
         hidden_states = attn + hidden_states
         if hidden_states.ndim == 4:
@@ -544,19 +574,26 @@ class InflatedTransformerBlock(BasicTransformerBlock):
             hidden_states = hidden_states.squeeze(1)
 
         if self.temporal_attention is not None:
-            hidden_states = hidden_states + self.temporal_attention(hidden_states, f)
+            hidden_states = hidden_states + _per_clip(hidden_states, f, st.anchored, self.temporal_attention)
         return hidden_states
 
     def _fuse_frequency(self, hidden_states: torch.Tensor, st: _State) -> torch.Tensor:
         bf, n, c = hidden_states.shape
         f = st.frames
         h, w = st.spatial(n)
-        weights = self.frequency_fuser.weights(st.mel.to(hidden_states.dtype))
+        x = hidden_states.view(bf // f, f, h, w, c)
+        # The FFT acts within a clip: the window, and the anchor (if any) on its own.
+        clips = [(0, 1), (1, f)] if st.anchored else [(0, f)]
+        out = [self._fuse_clip(x[:, a:b], st.mel[:, a:b], st) for a, b in clips]
+        return (out[0] if len(out) == 1 else torch.cat(out, 1)).reshape(bf, n, c)
+
+    def _fuse_clip(self, x: torch.Tensor, mel: torch.Tensor, st: _State) -> torch.Tensor:
+        """x (B, f, h, w, C), mel (B, f, n_mels) -> fused x."""
+        weights = self.frequency_fuser.weights(mel.to(x.dtype))
         if st.active is not None:
             # Zero-condition rows: weights 1, i.e. the fuser is the identity there.
             weights = torch.where(st.active[:, None, None], weights, torch.ones_like(weights))
-        x = hidden_states.view(bf // f, f, h, w, c)
-        return self.frequency_fuser(x, weights).reshape(bf, n, c)
+        return self.frequency_fuser(x, weights)
 
 
 def _new_temporal_conv(channels: int, kernel: int, like: torch.Tensor) -> nn.Conv3d:
@@ -759,6 +796,7 @@ class AudioScenicUNet3D(nn.Module):
         down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
         *,
+        anchored: bool = False,
         cross_attention_kwargs: dict | None = None,
         return_dict: bool = True,
     ) -> UNet3DOutput | tuple[torch.Tensor]:
@@ -772,6 +810,9 @@ class AudioScenicUNet3D(nn.Module):
             resolution; None = no SceneMasker (everything is scene).
         ControlNet residuals: per-frame results, folded (B*F, ...) or (B, C, F, h, w);
             give both or neither.
+        anchored: frame 0 is the span's anchor and frames 1.. a window of the span
+            (models.windows): the anchor is a clip of its own for the temporal parts and
+            frame 0 of the window's sparse-causal attention; its output is to be dropped.
         """
         if sample.dim() != 5:
             raise ValueError(f"sample must be (B, C, F, H, W), got {tuple(sample.shape)}")
@@ -779,6 +820,8 @@ class AudioScenicUNet3D(nn.Module):
             raise ValueError("give both ControlNet residual arguments or neither")
         cfg = self.config
         B, C, Fr, H, W = sample.shape
+        if anchored and Fr < 2:
+            raise ValueError(f"an anchored window needs the anchor and at least one frame, got {Fr} frames")
         dev, dtype = sample.device, sample.dtype
         x = sample.transpose(1, 2).reshape(B * Fr, C, H, W)
 
@@ -843,6 +886,7 @@ class AudioScenicUNet3D(nn.Module):
             mel=mel,
             active=active,
             level_sizes=self._level_sizes(H, W),
+            anchored=bool(anchored),
         )
         down = mid = None
         if down_block_additional_residuals is not None:
