@@ -158,14 +158,18 @@ def edit_latents(
     control: torch.Tensor | None = None,
     controlnet_scale: float = 1.0,
     blend: tuple[torch.Tensor, torch.Tensor] | None = None,
+    window: int | None = None,
+    overlap: int = 0,
 ) -> torch.Tensor:
     """DDIM from z_T (1, C, F, h, w) for B clips at once -> (B, C, F, h, w).
 
     audio: AudioCondition with B rows; mask (1, F, H, W) foreground (SceneMasker) or None;
     control (1, 3, F, 8h, 8w) ControlNet image in [0, 1]; blend (trajectory (steps + 1, 1, C, F, h, w),
-    latent mask (1, 1, F, h, w)) for foreground blending, or None.
+    latent mask (1, 1, F, h, w)) for foreground blending, or None. The span is denoised in
+    windows of `window` frames overlapping by `overlap` (models.windows; None = all at once).
     """
     from models.unet3d import controlnet_residuals
+    from models.windows import WindowedModel
 
     B = audio.embedding.shape[0]
     x0 = z_T.expand(B, *z_T.shape[1:]).clone()
@@ -174,17 +178,20 @@ def edit_latents(
     rows = 2 * B if guided else B
     m = mask.expand(rows, *mask.shape[1:]) if mask is not None else None
 
-    def out(x, t):
+    def out(x, t, w):
+        idx = w.index(x.device)
         down = mid = None
         if controlnet is not None:
             # Residuals depend on x, t, the prompt and depth only: the zero and clip rows share them.
-            down, mid = controlnet_residuals(controlnet, x, t, prompt, control.expand(B, *control.shape[1:]),
+            ctl = w.take(control, 2)
+            down, mid = controlnet_residuals(controlnet, x, t, prompt, ctl.expand(B, *ctl.shape[1:]),
                                              controlnet_scale)
             if guided:
                 down, mid = [torch.cat([r, r]) for r in down], torch.cat([mid, mid])
         xx = torch.cat([x, x]) if guided else x
-        y = unet(xx, t, prompt, audio=cond, mask=m, down_block_additional_residuals=down,
-                 mid_block_additional_residual=mid).sample
+        y = unet(xx, t, prompt, audio=cond.frames(idx), mask=None if m is None else m.index_select(1, idx),
+                 down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                 anchored=w.anchored).sample
         if not guided:
             return y
         u, c = y.chunk(2)
@@ -197,7 +204,8 @@ def edit_latents(
         def after(i, x):
             return lm * traj[ddim.trajectory_index(i)] + (1 - lm) * x
 
-    return ddim.sample(out, x0, after_step=after)
+    windowed = WindowedModel(out, x0.shape[2], window, overlap, anchor=unet.config.sparse_causal_attention)
+    return ddim.sample(windowed, x0, after_step=after)
 
 
 @torch.no_grad()

@@ -193,12 +193,23 @@ class TrainResult:
     seconds: float
 
 
-def _draw(gen: torch.Generator, shape, num_train: int, dropout: float):
-    """t, noise and the dropout decision for one step, all from `gen` (on the CPU, so any device agrees)."""
+def _draw(gen: torch.Generator, shape, num_train: int, dropout: float, window: int | None = None,
+          anchor: bool = True):
+    """t, the window, noise and the dropout decision for one step, all from `gen` (on the CPU, so any
+    device agrees). shape is the span's (1, C, F, h, w); a window shorter than the span starts anywhere
+    in it (models.windows.Window, anchored by the span's frame 0 unless it starts there)."""
+    from models.windows import Window
+
+    frames = shape[2]
     t = torch.randint(0, num_train, (1,), generator=gen)
-    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if window is None or window >= frames:
+        win = Window(0, frames, False)
+    else:
+        start = int(torch.randint(0, frames - window + 1, (1,), generator=gen))
+        win = Window(start, start + window, anchor and start > 0)
+    noise = torch.randn((*shape[:2], len(win.index()), *shape[3:]), generator=gen, dtype=torch.float32)
     drop = bool(torch.rand((), generator=gen) < dropout)  # drawn every step: the stream never depends on it
-    return t, noise, drop
+    return t, win, noise, drop
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -216,10 +227,13 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     run_key: str = "",
     callback: Callable[[int, float], None] | None = None,
+    window: int | None = None,
 ) -> TrainResult:
     """Fine-tune model's trainable parameters in place on z0 (1, C, F, h, w); resumes from `checkpoint`
     when it holds a run with the same `run_key`. `callback(step, loss)` runs after each step (and its
-    checkpoint); an exception from it stops training like a crash would."""
+    checkpoint); an exception from it stops training like a crash would. Each step trains on one
+    window of `window` frames drawn from the span (None = the whole span); the loss covers the
+    window's own frames, not the anchor."""
     from models.ddim import noisy_and_target
 
     dev = z0.device
@@ -256,12 +270,15 @@ def train(
     model.train()
     try:
         for step in range(start, s.steps):
-            t, noise, drop = _draw(gen, tuple(z0.shape), num_train, s.condition_dropout)
+            t, win, noise, drop = _draw(gen, tuple(z0.shape), num_train, s.condition_dropout, window,
+                                        model.config.sparse_causal_attention)
             t, noise = t.to(dev), noise.to(dev)
-            x_t, target = noisy_and_target(alphas_cumprod, z0, noise, t, s.prediction_type)
+            idx = win.index(dev)
+            x_t, target = noisy_and_target(alphas_cumprod, z0.index_select(2, idx), noise, t, s.prediction_type)
             with autocast:
-                out = model(x_t, t, prompt, audio=None if drop else audio).sample
-            loss = F.mse_loss(out.float(), target.float())
+                out = model(x_t, t, prompt, audio=None if (drop or audio is None) else audio.frames(idx), anchored=win.anchored).sample
+            skip = 1 if win.anchored else 0
+            loss = F.mse_loss(out[:, :, skip:].float(), target[:, :, skip:].float())
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -298,17 +315,25 @@ def train(
 
 
 @torch.no_grad()
-def evaluation_loss(model, z0, audio, prompt, alphas_cumprod, prediction_type: str, seed: int, draws: int = EVAL_DRAWS) -> float:
-    """Mean loss over fixed (t, noise) draws with the audio condition: comparable before and after training."""
+def evaluation_loss(model, z0, audio, prompt, alphas_cumprod, prediction_type: str, seed: int, draws: int = EVAL_DRAWS,
+                    window: int | None = None, overlap: int = 0) -> float:
+    """Mean loss over fixed (t, noise) draws with the audio condition, over the whole span (in windows
+    as the edits run): comparable before and after training."""
     from models.ddim import noisy_and_target
+    from models.windows import WindowedModel
 
+    def out(x, t, w):
+        cond = None if audio is None else audio.frames(w.index(x.device))
+        return model(x, t, prompt, audio=cond, anchored=w.anchored).sample
+
+    windowed = WindowedModel(out, z0.shape[2], window, overlap, anchor=model.config.sparse_causal_attention)
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(draws):
         t = torch.randint(0, len(alphas_cumprod), (1,), generator=gen).to(z0.device)
         noise = torch.randn(tuple(z0.shape), generator=gen, dtype=torch.float32).to(z0.device)
         x_t, target = noisy_and_target(alphas_cumprod, z0, noise, t, prediction_type)
-        total += float(F.mse_loss(model(x_t, t, prompt, audio=audio).sample.float(), target.float()))
+        total += float(F.mse_loss(windowed(x_t, t).float(), target.float()))
     return total / draws
 
 

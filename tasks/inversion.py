@@ -108,13 +108,19 @@ def item_for(items: list[WorkItem], cfg, video_id: str, variant: str) -> WorkIte
 
 
 def invert_latents(model, ddim, z0: torch.Tensor, prompt: torch.Tensor, trajectory: bool = False,
-                   fixed_point_iters: int = 0):
-    """z0 (1, C, F, h, w) -> (z_T, trajectory list or None) with the zero audio condition."""
+                   fixed_point_iters: int = 0, window: int | None = None, overlap: int = 0):
+    """z0 (1, C, F, h, w) -> (z_T, trajectory list or None) with the zero audio condition.
 
-    def out(x, t):
-        return model(x, t, prompt, audio=None).sample
+    The span is denoised in windows of `window` frames (models.windows; None = all at once),
+    laid out as the edits lay them out, so that sampling retraces the inversion.
+    """
+    from models.windows import WindowedModel
 
-    return ddim.invert(out, z0, trajectory=trajectory, fixed_point_iters=fixed_point_iters)
+    def out(x, t, w):
+        return model(x, t, prompt, audio=None, anchored=w.anchored).sample
+
+    windowed = WindowedModel(out, z0.shape[2], window, overlap, anchor=model.config.sparse_causal_attention)
+    return ddim.invert(windowed, z0, trajectory=trajectory, fixed_point_iters=fixed_point_iters)
 
 
 def compute(cfg, item: WorkItem, writer: ArtifactWriter, store: ArtifactStore, models: dict[str, Any]) -> None:

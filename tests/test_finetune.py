@@ -43,7 +43,7 @@ def test_300_steps_lower_the_loss_and_commit_weights_and_json(tmp_path):
     assert info["losses"] == pytest.approx(losses.tolist())
     # 10% condition dropout: replay the run's draws.
     gen = torch.Generator().manual_seed(s["seed"])
-    drops = sum(finetune._draw(gen, (1, 4, fx.FRAMES, 8, 8), 1000, 0.1)[2] for _ in range(300))
+    drops = sum(finetune._draw(gen, (1, 4, fx.FRAMES, 8, 8), 1000, 0.1)[3] for _ in range(300))
     assert 15 <= drops <= 45
 
     # The weights load into a fresh model: only trainable parts changed.
