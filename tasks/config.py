@@ -146,6 +146,7 @@ class MetricsStageConfig(_Strict):
 # paper's settings (50 DDIM steps, 300 fine-tuning steps) are the defaults.
 QUICK_STAGES: dict[str, dict[str, Any]] = {
     "video": {"resolution": 64}, "inversion": {"steps": 10}, "finetune": {"steps": 30},
+    "windows": {"window": 8, "overlap": 2},
 }
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -224,6 +225,25 @@ class EditStageConfig(_Strict):
     code_version: CodeVersion = "1"
 
 
+class WindowsConfig(_Strict):
+    """Denoising windows over a span (models.windows, DESIGN 6): inversion, fine-tuning and editing.
+
+    Each U-Net call sees `window` frames (plus the span's first frame as the sparse-causal
+    anchor), overlapping windows are blended at every step, so peak memory is set by the
+    window, not by the span. null = the whole span at once (big GPUs). Fine-tuning draws one
+    window per step. Part of the inversion, fine-tuning and edit cache keys.
+    """
+
+    window: int | None = Field(16, ge=2)
+    overlap: int = Field(4, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_window(self):
+        if self.window is not None and self.overlap >= self.window:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than window ({self.window})")
+        return self
+
+
 class StagesConfig(_Strict):
     audio: AudioStageConfig = Field(default_factory=AudioStageConfig)
     video: VideoStageConfig = Field(default_factory=VideoStageConfig)
@@ -231,6 +251,7 @@ class StagesConfig(_Strict):
     inversion: InversionStageConfig = Field(default_factory=InversionStageConfig)
     finetune: FinetuneStageConfig = Field(default_factory=FinetuneStageConfig)
     edit: EditStageConfig = Field(default_factory=EditStageConfig)
+    windows: WindowsConfig = Field(default_factory=WindowsConfig)
 
 
 class GridSelection(_Strict):

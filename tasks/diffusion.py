@@ -98,6 +98,12 @@ def scheduler_identity(cfg) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- loaders
 
 
+def windows(cfg) -> dict[str, Any]:
+    """Denoising windows (stages.windows) as keyword arguments of the sampling/inversion loops."""
+    w = cfg.stages.windows
+    return {"window": w.window, "overlap": w.overlap}
+
+
 def inference_autocast(cfg):
     """The precision context of inversion and editing forwards (models.precision)."""
     import contextlib

@@ -85,6 +85,7 @@ def params(cfg, variant: str, fps: float) -> dict[str, Any]:
         "variant": variant, "unet3d": diffusion.unet_config(cfg, variant), "guidance_scale": e.guidance_scale,
         "controlnet": {"scale": e.controlnet_scale, "model": diffusion.controlnet_identity(cfg)} if e.controlnet else None,
         "foreground_blend": e.foreground_blend, "fps": fps, "mp4": e.write_mp4, "precision": cfg.models.precision,
+        "windows": diffusion.windows(cfg),
         "audio_track": "driving clip, trimmed or zero-padded to the video",
     }
 
@@ -414,7 +415,7 @@ def _edit_group(cfg, session: EditSession, items: Sequence[WorkItem]) -> None:
         lat = edit_latents(
             unet, ddim, z_T, session.prompt(), audio, e.guidance_scale, mask=mask,
             controlnet=session.controlnet() if e.controlnet else None, control=v.get("control"),
-            controlnet_scale=e.controlnet_scale, blend=blend,
+            controlnet_scale=e.controlnet_scale, blend=blend, **diffusion.windows(cfg),
         ).float()
     for k, it in enumerate(items):
         stored = lat[k : k + 1]

@@ -116,6 +116,8 @@ def params(cfg, variant: str) -> dict[str, Any]:
         "settings": st, "unet3d": diffusion.unet_config(cfg, variant, training=True),
         "base": diffusion.base_identity(cfg), "scheduler": diffusion.scheduler_identity(cfg), "prompt": "",
         "optimizer": "AdamW", "loss": "mse(model output, scheduler target)",
+        # Each step trains on one window of the span; the overlap only shapes the reported losses.
+        "window": cfg.stages.windows.window,
     }
 
 
@@ -397,10 +399,11 @@ def compute(cfg, item: WorkItem, writer: ArtifactWriter, store: ArtifactStore, m
     alphas = ddim.alphas_cumprod.to(dev)
     s = settings(cfg, ddim.prediction_type)
     prompt = diffusion.blank_prompt(cfg).to(dev)
-    before = evaluation_loss(model, z0, audio, prompt, alphas, s.prediction_type, s.seed + 1)
+    win = diffusion.windows(cfg)
+    before = evaluation_loss(model, z0, audio, prompt, alphas, s.prediction_type, s.seed + 1, **win)
     result = train(model, z0, audio, prompt, alphas, s, checkpoint=p["checkpoint"], run_key=item.key.key,
-                   callback=callback)
-    after = evaluation_loss(model, z0, audio, prompt, alphas, s.prediction_type, s.seed + 1)
+                   callback=callback, window=win["window"])
+    after = evaluation_loss(model, z0, audio, prompt, alphas, s.prediction_type, s.seed + 1, **win)
     n_params = sum(v.numel() for v in model.trainable_state_dict().values())
     info = {
         "key": item.key.key, "stage": STAGE, "code_version": item.key.code_version,

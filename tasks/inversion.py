@@ -59,6 +59,7 @@ def params(cfg, model: dict[str, Any]) -> dict[str, Any]:
     return {
         "steps": s.steps, "fixed_point_iters": s.fixed_point_iters, "trajectory": keeps_trajectory(cfg),
         "condition": "zero audio, blank prompt", "model": model, "precision": cfg.models.precision,
+        "windows": diffusion.windows(cfg),
     }
 
 
@@ -144,7 +145,8 @@ def compute(cfg, item: WorkItem, writer: ArtifactWriter, store: ArtifactStore, m
     z0 = diffusion.to_model_layout(lat["latents"]).to(unet.device, torch.float32)
     started = time.time()
     with diffusion.inference_autocast(cfg):
-        z_T, traj = invert_latents(unet, ddim, z0, prompt, keeps_trajectory(cfg), s.fixed_point_iters)
+        z_T, traj = invert_latents(unet, ddim, z0, prompt, keeps_trajectory(cfg), s.fixed_point_iters,
+                                   **diffusion.windows(cfg))
     z_T, traj = z_T.float(), (None if traj is None else [x.float() for x in traj])
     writer.write("z_T", diffusion.to_stored_layout(z_T))
     writer.write("timesteps", ddim.timesteps.numpy().astype(np.int64))
@@ -157,6 +159,7 @@ def compute(cfg, item: WorkItem, writer: ArtifactWriter, store: ArtifactStore, m
     writer.set_attrs(
         steps=s.steps, prediction_type=ddim.prediction_type, model=p["model_tag"], latents_key=p["latents_key"],
         fixed_point_iters=s.fixed_point_iters, trajectory=traj is not None, seconds=round(time.time() - started, 3),
+        windows=diffusion.windows(cfg),
         trajectory_order="index 0 = source latents, index k = latent at timesteps[steps - k], last = z_T",
     )
 
