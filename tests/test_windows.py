@@ -83,3 +83,15 @@ def test_span_length_is_checked():
     m = WindowedModel(lambda xw, t, w: xw, 10, 4, 1)
     with pytest.raises(ValueError, match="10 frames"):
         m(torch.zeros(1, 1, 9, 1, 1), torch.tensor(0))
+
+
+def test_config_windows_are_validated(tmp_path):
+    from tasks.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"workdir": str(tmp_path)})
+    assert (cfg.stages.windows.window, cfg.stages.windows.overlap) == (16, 4)
+    assert config_from_dict({"workdir": str(tmp_path), "stages": {"windows": {"window": None}}}).stages.windows.window is None
+    with pytest.raises(ConfigError, match="stages.windows"):
+        config_from_dict({"workdir": str(tmp_path), "stages": {"windows": {"window": 4, "overlap": 4}}})
+    with pytest.raises(ConfigError, match="stages.windows.window"):
+        config_from_dict({"workdir": str(tmp_path), "stages": {"windows": {"window": 1}}})
