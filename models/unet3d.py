@@ -41,10 +41,20 @@ The audio condition
 `AudioCondition(embedding (B, 1024), magnitude (B, F), mel (B, F, n_mels))`, each
 field optional, plus `noise_level`, `noise` for TASI and `active` (B,) for mixing
 real rows and zero-condition rows in one batch. `audio=None` is the zero ("no
-audio") condition: a zero embedding through the same TASI path, Magnitude Modulator
-and Frequency Fuser inactive. The same zero embedding gives temb_uf, SceneMasker's
-foreground embedding. `AudioCondition.with_unconditional()` stacks the zero rows
-in front for batched classifier-free guidance.
+audio") condition: Magnitude Modulator and Frequency Fuser inactive, and unCLIP's own
+null class label, zeros over the whole 2 * embed_dim label (noise-level half
+included). SD 2.1 unCLIP learnt that label through embedding dropout, and diffusers'
+StableUnCLIPImg2ImgPipeline uses `torch.zeros_like(image_embeds)` of the augmented
+label as its negative; a noise-augmented zero *embedding* ([aug(0), emb(level)], what
+an earlier version used) is a label the model never saw. The null label is used
+wherever the model runs without audio (inversion, the unconditional rows of
+guidance, condition dropout in fine-tuning, inactive rows) and gives temb_uf,
+SceneMasker's foreground embedding. On a base without class embedding (TASI's own
+`class_proj`) the null condition adds nothing to temb (not even class_proj's bias).
+Audio labels are `TASI.augment(E_a)`, equal to diffusers'
+`StableUnCLIPImg2ImgPipeline.noise_image_embeddings(E_a, noise_level, noise)`.
+`AudioCondition.with_unconditional()` stacks the zero rows in front for batched
+classifier-free guidance.
 
 Forward
 -------
@@ -191,14 +201,14 @@ class UNet3DConfig:
 class AudioCondition:
     """Audio features for one batch of videos (B videos of F frames).
 
-    embedding: (B, embed_dim) ImageBind E_a; None = zero embedding.
+    embedding: (B, embed_dim) ImageBind E_a; None = unCLIP's null label (no audio semantics).
     magnitude: (B, F) M_a; None = Magnitude Modulator inactive (same as all zeros).
     mel: (B, F, n_mels) F_a; None = Frequency Fuser inactive (identity).
     noise_level: TASI noise level; None = the model config's.
     noise: (B, embed_dim) or (embed_dim,) TASI noise; None = the model's fixed noise
         vector (seeded by config.noise_seed), so repeated calls are deterministic.
-    active: (B,) bool; False rows are the zero condition whatever the other fields
-        hold (for batching conditional and unconditional rows).
+    active: (B,) bool; False rows are the zero condition (null label, no MM, no fuser)
+        whatever the other fields hold (for batching conditional and unconditional rows).
     """
 
     embedding: torch.Tensor | None = None
@@ -293,7 +303,8 @@ class TASI(nn.Module):
     the noising schedule's alphas_cumprod[noise_level]; the U-Net's class embedding
     (projection, input 2 * embed_dim) turns it into a temb offset. For a base with no
     class embedding, `class_proj` (zero-init, embed_dim -> temb dim) projects the
-    noise-augmented embedding instead.
+    noise-augmented embedding instead. The "no audio" label is not an augmented zero
+    embedding but unCLIP's null, zeros over all 2 * embed_dim (AudioScenicUNet3D).
     """
 
     def __init__(self, embed_dim: int, class_proj_dim: int | None, noise_seed: int = 0):
@@ -735,18 +746,36 @@ class AudioScenicUNet3D(nn.Module):
             sizes.append((H, W))
         return sizes
 
-    def _temb(self, base: torch.Tensor, labels: torch.Tensor, frames: int, x: torch.Tensor) -> torch.Tensor:
+    def _temb(
+        self,
+        base: torch.Tensor,
+        labels: torch.Tensor | None,
+        frames: int,
+        x: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """temb for (B, label_dim) labels; labels None = the null condition. rows (B,) bool:
+        the rows that carry audio (None = all); the others are the null condition."""
         unet = self.unet
         emb = base
         if unet.class_embedding is not None:
+            if labels is None:
+                labels = self._null_labels(base.shape[0] // frames, x.device)
             ce = unet.get_class_embed(sample=x, class_labels=labels.to(x.dtype)).repeat_interleave(frames, 0)
             emb = torch.cat([emb, ce], dim=-1) if unet.config.class_embeddings_concat else emb + ce
-        elif self.tasi.class_proj is not None:
+        elif self.tasi.class_proj is not None and labels is not None:
+            # No class embedding: the null condition adds nothing (not even class_proj's bias).
             ce = self.tasi.class_proj(labels[:, : self.config.embed_dim].to(x.dtype))
+            if rows is not None:
+                ce = ce * rows[:, None].to(ce.dtype)
             emb = emb + ce.repeat_interleave(frames, 0)
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
         return emb
+
+    def _null_labels(self, batch: int, device: torch.device) -> torch.Tensor:
+        """unCLIP's null class label: zeros over all 2 * embed_dim (module docstring)."""
+        return torch.zeros(batch, 2 * self.config.embed_dim, device=device)
 
     def forward(
         self,
@@ -767,7 +796,7 @@ class AudioScenicUNet3D(nn.Module):
         timestep: scalar or (B,). encoder_hidden_states: (B, N, D) (or (1, N, D), shared).
         class_labels: optional (B, label_dim) TASI labels for temb_f, already noise-augmented
             (overrides audio.embedding; label_dim = 2 * embed_dim).
-        audio: AudioCondition or None (the zero condition).
+        audio: AudioCondition or None (the zero condition: unCLIP's null label, zeros).
         mask: (B, F, h, w) or (B, 1, F, h, w) foreground mask (1 = foreground) at any
             resolution; None = no SceneMasker (everything is scene).
         ControlNet residuals: per-frame results, folded (B*F, ...) or (B, C, F, h, w);
@@ -804,25 +833,24 @@ class AudioScenicUNet3D(nn.Module):
         if noise is not None and noise.dim() == 2 and noise.shape[0] != B:
             raise ValueError(f"audio.noise must be (B={B}, {cfg.embed_dim}) or ({cfg.embed_dim},)")
 
-        labels_uf = self.tasi.augment(torch.zeros(B, cfg.embed_dim, device=dev), level, noise)
+        # Class labels of temb_f; None = unCLIP's null label (zeros), which temb_uf always has.
+        labels_f = class_labels
         if cfg.tasi:
-            if class_labels is not None:
-                labels_f = class_labels
-            elif audio.embedding is None:
-                labels_f = labels_uf  # the zero condition: one embedding serves both
-            else:
+            if labels_f is None and audio.embedding is not None:
                 labels_f = self.tasi.augment(emb, level, noise)
         else:
-            labels_f = class_labels if class_labels is not None else labels_uf
             # "w/o TASI": E_a becomes one extra cross-attention token.
             token = self.audio_token_proj(emb.to(self.audio_token_proj.weight.dtype))[:, None, :]
             ehs = torch.cat([ehs, token.to(ehs.dtype)], dim=1)
-        if labels_f.shape[0] != B:
-            raise ValueError(f"class_labels batch {labels_f.shape[0]} != B = {B}")
+        if labels_f is not None:
+            if labels_f.shape[0] != B:
+                raise ValueError(f"class_labels batch {labels_f.shape[0]} != B = {B}")
+            if active is not None:  # inactive rows: the null label
+                labels_f = labels_f * active[:, None].to(labels_f.dtype)
 
         base = self.unet.time_embedding(self.unet.get_time_embed(sample=x, timestep=t), None)
-        temb_f = self._temb(base, labels_f, Fr, x)
-        temb_uf = temb_f if (labels_f is labels_uf) else self._temb(base, labels_uf, Fr, x)
+        temb_uf = self._temb(base, None, Fr, x)
+        temb_f = temb_uf if labels_f is None else self._temb(base, labels_f, Fr, x, active)
 
         m = None
         if mask is not None:
@@ -851,7 +879,8 @@ class AudioScenicUNet3D(nn.Module):
 
         unet_labels = None
         if self.unet.class_embedding is not None:
-            unet_labels = labels_f.repeat_interleave(Fr, 0).to(dtype)
+            lab = labels_f if labels_f is not None else self._null_labels(B, dev)
+            unet_labels = lab.repeat_interleave(Fr, 0).to(dtype)
         self._runtime.state = state
         ok = False
         try:

@@ -343,13 +343,22 @@ def test_tasi_matches_unclip_noise_augmentation(base):
     torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_tasi_audio_reaches_temb_and_zero_embedding_is_no_audio(base, inputs):
+def test_tasi_audio_reaches_temb_and_no_audio_is_unclips_null_label(base, inputs):
     model = make(base, **BARE)
     a = inputs["audio"]
     out = run(model, inputs)
-    assert maxdiff(out, run(model, inputs, audio=None)) > 1e-2
+    none = run(model, inputs, audio=None)
+    assert maxdiff(out, none) > 1e-2
+    # No audio = unCLIP's null: zeros over the whole class label (tests/test_method_fidelity.py
+    # checks it against diffusers); no embedding, or inactive rows, are the same condition.
+    assert torch.equal(run(model, inputs, class_labels=torch.zeros(B, 2 * EMB), audio=None), none)
+    assert torch.equal(run(model, inputs, audio=AudioCondition(magnitude=a.magnitude)), none)
+    inactive = AudioCondition(embedding=a.embedding, active=torch.zeros(B, dtype=torch.bool))
+    assert torch.equal(run(model, inputs, audio=inactive), none)
+    # A zero *embedding* is an audio label like any other (noise-augmented, with the
+    # noise-level half), not the null: the model never saw it as "no audio".
     zero = AudioCondition(embedding=torch.zeros(B, EMB))
-    assert torch.equal(run(model, inputs, audio=zero), run(model, inputs, audio=None))
+    assert maxdiff(run(model, inputs, audio=zero), none) > 1e-3
     # Precomputed labels given as class_labels are the same path.
     labels = model.tasi.augment(a.embedding, 0)
     emb_only = AudioCondition(embedding=a.embedding)
@@ -366,7 +375,9 @@ def test_tasi_on_a_base_without_class_embedding(inputs):
     assert maxdiff(run(model, inputs), ref) > 1e-3
     trainable = set(model.trainable_parameter_names())
     assert {"tasi.class_proj.weight", "tasi.class_proj.bias"} <= grad_names(model, inputs) <= trainable
-    assert maxdiff(run(model, inputs, audio=None), ref) < maxdiff(run(model, inputs), ref)
+    # The null condition adds nothing to temb, not even the (now non-zero) bias of class_proj.
+    assert model.tasi.class_proj.bias.abs().max() > 0.1
+    assert maxdiff(run(model, inputs, audio=None), ref) <= TOL
 
 
 def test_without_tasi_audio_goes_through_cross_attention(base, inputs):
