@@ -72,10 +72,17 @@ Decisions where the paper is silent
   Modulator -> norm2 -> conv2 -> temporal_conv2. The temporal convolutions are full
   (C x C x 3) 1D convolutions; the MM's MLP is SiLU-Linear-SiLU per block and W is
   bias-free, so a zero magnitude is exactly a no-op.
-* SceneMasker blends only temb (eq. 7) and masks the MM with (1 - M); the Frequency
-  Fuser acts on the whole clip, so mask = 1 everywhere equals the no-audio output
-  when no F_a is given (or the fuser is at its identity init). scene_masker=False
-  ignores the mask altogether (the "w/o SceneMasker" ablation).
+* SceneMasker (paper: "constrain the influence of audio conditions only on the scene
+  areas") covers every audio path: it blends temb (eq. 7), masks the MM with (1 - M),
+  and, with `fuser_scene_masked` (default), lets the Frequency Fuser's output replace
+  the block's features only in the scene: x + (1 - M) (fused - x). So mask = 1
+  everywhere equals the no-audio output exactly. fuser_scene_masked=False (the
+  "unmasked Frequency Fuser" ablation) lets the fuser act on the whole clip.
+  scene_masker=False ignores the mask altogether (the "w/o SceneMasker" ablation).
+* The mask reaches coarse U-Net levels by max-pooling (adaptive_max_pool2d to the
+  block's (h, w)), so a foreground pixel at full resolution stays foreground at every
+  level: thin foreground (limbs, poles) gets no share of the audio's temb. (The
+  edit stage's latent mask max-pools in the same way.)
 * Frequency Fuser: taking the real part after the inverse FFT makes the weight of
   temporal bin k act as the mean of the weights of bins k and -k.
 * TASI noise: one fixed noise vector (config.noise_seed) unless the caller passes
@@ -175,6 +182,9 @@ class UNet3DConfig:
     d_s: float = 0.25
     d_t: float = 0.25
     butterworth_n: int = 4
+    # Frequency Fuser under SceneMasker: fused features only in the scene (False: the
+    # "unmasked Frequency Fuser" ablation). No parameters: not structural.
+    fuser_scene_masked: bool = True
     ff_hidden: int = 128
     mm_hidden: int | None = None  # None: the block's channel count
     seed: int = 0  # init of the new parts that are not zero/identity-initialised
@@ -382,13 +392,14 @@ class _State:
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
 
     def mask_at(self, hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor | None:
-        """The mask resized to a block's (h, w); area averaging keeps 0 and 1 exact."""
+        """The mask resized to a block's (h, w) by max-pooling: a foreground pixel at full
+        resolution stays foreground at every level (a binary mask stays binary)."""
         if self.mask is None:
             return None
         key = (int(hw[0]), int(hw[1]))
         m = self._masks.get(key)
         if m is None:
-            m = self.mask if tuple(self.mask.shape[-2:]) == key else F.interpolate(self.mask, size=key, mode="area")
+            m = self.mask if tuple(self.mask.shape[-2:]) == key else F.adaptive_max_pool2d(self.mask, key)
             self._masks[key] = m
         return m.to(dtype)
 
@@ -567,7 +578,14 @@ class InflatedTransformerBlock(BasicTransformerBlock):
             # Zero-condition rows: weights 1, i.e. the fuser is the identity there.
             weights = torch.where(st.active[:, None, None], weights, torch.ones_like(weights))
         x = hidden_states.view(bf // f, f, h, w, c)
-        return self.frequency_fuser(x, weights).reshape(bf, n, c)
+        fused = self.frequency_fuser(x, weights)
+        m = st.mask_at((h, w), fused.dtype) if st.config.fuser_scene_masked else None
+        if m is not None:
+            # SceneMasker over the fuser: its output replaces the block's features only in
+            # the scene; exactly x where M = 1.
+            m = m.view(bf // f, f, h, w, 1)
+            fused = x + (1 - m) * (fused - x)
+        return fused.reshape(bf, n, c)
 
 
 def _new_temporal_conv(channels: int, kernel: int, like: torch.Tensor) -> nn.Conv3d:

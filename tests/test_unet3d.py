@@ -245,9 +245,9 @@ def test_temporal_parts_mix_frames_once_perturbed(base, inputs):
 
 
 def test_scene_masker(base, inputs):
-    # Every weighted part perturbed except the Frequency Fuser (not masked, see unet3d docs).
-    model = make(base, frequency_fuser=False)
-    perturb(model, "temporal_conv", "temporal_attention", "magnitude_modulator")
+    # Every weighted part perturbed, the Frequency Fuser included (SceneMasker masks it too).
+    model = make(base)
+    perturb(model, "temporal_conv", "temporal_attention", "magnitude_modulator", "frequency_fuser")
     ones, zeros = torch.ones(B, FR, H * 8, W * 8), torch.zeros(B, FR, H * 8, W * 8)
     no_audio = run(model, inputs, audio=None)
     with_audio = run(model, inputs)
@@ -279,7 +279,7 @@ def test_scene_masker_resizes_per_block(base, inputs):
     half[..., :10] = 1  # left half foreground
     out_half = run(model, inputs, mask=half)
     out_half_big = run(model, inputs, mask=half.repeat_interleave(4, -2).repeat_interleave(4, -1))
-    assert maxdiff(out_half, out_half_big) <= TOL  # area resizing: same masks at every block
+    assert maxdiff(out_half, out_half_big) <= TOL  # max-pool resizing: same masks at every block
     fg, bg = run(model, inputs, audio=None), run(model, inputs)
     # Far from the boundary the output follows the region's condition more closely.
     left, right = (Ellipsis, slice(0, 2)), (Ellipsis, slice(8, 10))
