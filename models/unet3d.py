@@ -83,8 +83,10 @@ Decisions where the paper is silent
   block's (h, w)), so a foreground pixel at full resolution stays foreground at every
   level: thin foreground (limbs, poles) gets no share of the audio's temb. (The
   edit stage's latent mask max-pools in the same way.)
-* Frequency Fuser: taking the real part after the inverse FFT makes the weight of
-  temporal bin k act as the mean of the weights of bins k and -k.
+* Frequency Fuser: gains from the audio's temporal spectrum, bounded to [0, 2]
+  (models.frequency's docstring: normalisation, alignment, bound). Taking the real
+  part after the inverse FFT makes the weight of temporal bin k act as the mean of
+  the weights of bins k and -k (equal for the 'spectrum' alignment).
 * TASI noise: one fixed noise vector (config.noise_seed) unless the caller passes
   one, so calls are deterministic; temb_f and temb_uf use the same noise.
 * "w/o TASI": E_a goes through a trainable Linear (identity-initialised when the
@@ -117,7 +119,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .checkpoints import CheckpointMismatchError, MissingWeightsError, load_state_dict, require_folder
-from .frequency import FILTER_KINDS, FrequencyFuser
+from .frequency import FILTER_KINDS, FUSER_ALIGNMENTS, FrequencyFuser
 
 __all__ = [
     "AudioCondition",
@@ -185,6 +187,8 @@ class UNet3DConfig:
     # Frequency Fuser under SceneMasker: fused features only in the scene (False: the
     # "unmasked Frequency Fuser" ablation). No parameters: not structural.
     fuser_scene_masked: bool = True
+    # F_a^w from the audio's temporal spectrum ("spectrum") or per frame by index ("index").
+    fuser_alignment: str = "spectrum"
     ff_hidden: int = 128
     mm_hidden: int | None = None  # None: the block's channel count
     seed: int = 0  # init of the new parts that are not zero/identity-initialised
@@ -192,6 +196,8 @@ class UNet3DConfig:
     def __post_init__(self):
         if self.filter_kind not in FILTER_KINDS:
             raise ValueError(f"filter_kind must be one of {FILTER_KINDS}, got '{self.filter_kind}'")
+        if self.fuser_alignment not in FUSER_ALIGNMENTS:
+            raise ValueError(f"fuser_alignment must be one of {FUSER_ALIGNMENTS}, got '{self.fuser_alignment}'")
         if self.temporal_kernel < 1 or self.temporal_kernel % 2 == 0:
             raise ValueError(f"temporal_kernel must be odd and >= 1, got {self.temporal_kernel}")
 
@@ -573,7 +579,7 @@ class InflatedTransformerBlock(BasicTransformerBlock):
         bf, n, c = hidden_states.shape
         f = st.frames
         h, w = st.spatial(n)
-        weights = self.frequency_fuser.weights(st.mel.to(hidden_states.dtype))
+        weights = self.frequency_fuser.weights(st.mel)
         if st.active is not None:
             # Zero-condition rows: weights 1, i.e. the fuser is the identity there.
             weights = torch.where(st.active[:, None, None], weights, torch.ones_like(weights))
@@ -625,7 +631,9 @@ def _inflate_transformer_block(block: BasicTransformerBlock, cfg: UNet3DConfig, 
     dim = block.dim
     block.frequency_fuser = None
     if cfg.frequency_fuser:
-        ff = FrequencyFuser(dim, cfg.n_mels, cfg.ff_hidden, cfg.filter_kind, cfg.d_s, cfg.d_t, cfg.butterworth_n)
+        ff = FrequencyFuser(
+            dim, cfg.n_mels, cfg.ff_hidden, cfg.filter_kind, cfg.d_s, cfg.d_t, cfg.butterworth_n, cfg.fuser_alignment
+        )
         block.frequency_fuser = ff.to(like.device, like.dtype)
     block.temporal_attention = None
     if cfg.temporal_attention:

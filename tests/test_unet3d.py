@@ -311,6 +311,7 @@ def test_magnitude_modulator(base, inputs):
 
 
 def test_frequency_fuser(base, inputs):
+    """Default alignment 'spectrum': the weights follow F_a's temporal spectrum (see models.frequency)."""
     model = make(base, **{**BARE, "frequency_fuser": True})
     off = make(base, **BARE)
     assert maxdiff(run(model, inputs), run(off, inputs)) <= TOL  # identity weights change nothing
@@ -320,8 +321,20 @@ def test_frequency_fuser(base, inputs):
     a = inputs["audio"]
     no_mel = AudioCondition(embedding=a.embedding, magnitude=a.magnitude)
     assert torch.equal(run(model, inputs, audio=no_mel), run(off, inputs, audio=no_mel))  # no F_a: skipped
-    other = AudioCondition(embedding=a.embedding, magnitude=a.magnitude, mel=a.mel.roll(1, dims=1))
+    other = AudioCondition(embedding=a.embedding, magnitude=a.magnitude, mel=a.mel.flip(2))
     assert maxdiff(run(model, inputs, audio=other), out) > 1e-4  # the weights follow F_a
+    # Only |FFT over frames| counts: F_a shifted in time (circularly) gives the same weights,
+    # and so does the same clip louder (a constant offset of the log-Mel).
+    rolled = AudioCondition(embedding=a.embedding, magnitude=a.magnitude, mel=a.mel.roll(1, dims=1))
+    assert maxdiff(run(model, inputs, audio=rolled), out) <= TOL
+    louder = AudioCondition(embedding=a.embedding, magnitude=a.magnitude, mel=a.mel + 4.0)
+    assert maxdiff(run(model, inputs, audio=louder), out) <= TOL
+    # The index-matched form (kept for comparison): frame j weights temporal bin j, so the roll counts.
+    index = make(base, **{**BARE, "frequency_fuser": True, "fuser_alignment": "index"})
+    index.load_state_dict(model.state_dict())
+    out_index = run(index, inputs)
+    assert maxdiff(out_index, out) > 1e-4
+    assert maxdiff(run(index, inputs, audio=rolled), out_index) > 1e-4
 
 
 def test_tasi_matches_unclip_noise_augmentation(base):
