@@ -389,7 +389,7 @@ class _State:
         self.config: UNet3DConfig = config
         self.frames: int = frames
         self.temb_f = temb_f  # (B*F, T) with the audio
-        self.temb_uf = temb_uf  # (B*F, T) with the zero embedding
+        self.temb_uf = temb_uf  # (B*F, T) with the null label (no audio)
         self.mask = mask  # (B*F, 1, H, W) or None, 1 = foreground
         self.mm_scale = mm_scale  # (B*F, 1) magnitude (0 on inactive rows) or None
         self.mel = mel  # (B, F, n_mels) or None
