@@ -149,7 +149,7 @@ def _setup(spec: dict):
     ref = DDIMScheduler.from_config(conf)
     ref.set_timesteps(50)
     t_ref = ref.timesteps[10]
-    labels = model.tasi.augment(torch.zeros(2, 1024, device=dev), 0)  # 2D baseline: unCLIP's class slot, zero rows
+    labels = torch.zeros(2, 2048, device=dev)  # 2D baseline: unCLIP's class slot, its null label
 
     def sync():
         if dev.type == "cuda":

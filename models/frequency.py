@@ -25,6 +25,41 @@ the same idea expressed in the coordinates shared by the other kinds.)
 
 d_s == 0 or d_t == 0 gives an all-zero filter for every kind (no low band: the
 whole spectrum counts as high frequency), as in FreeInit.
+
+The Frequency Fuser's audio weights F_a^w (DESIGN 1, decisions where the paper is silent)
+-----------------------------------------------------------------------------------------
+F_a (B, F, n_mels) is the log-Mel spectrogram pooled per video frame (tasks.audio.
+mel_features: log(mel power + 1e-6), so from about -13.8 for digital silence up to about
++8 for full-scale noise). Three steps turn it into the gains of the high band:
+
+1. Normalisation: per-clip standardisation over the window's frames and mel bins,
+   z = (F_a - mean) / sqrt(var + MEL_STD_FLOOR^2) (population variance). Chosen over
+   fixed statistics because (a) in the log domain a change of loudness is a constant
+   offset, which standardisation removes exactly, so a clip played louder or quieter
+   than the fine-tuning clip gets the same gains (loudness is the Magnitude
+   Modulator's job, and M_a is itself normalised per clip); (b) no dataset statistics
+   of our own exist to fix (ESC-50 vs AudioSet vs music would each give others); (c)
+   the result is O(1) whatever the mel settings. MEL_STD_FLOOR (0.1 nat, 0.43 dB)
+   keeps an (almost) constant spectrogram, digital silence above all, at z ~ 0
+   instead of amplifying rounding noise. sum(z^2) <= F * n_mels always.
+2. Alignment ("aligned in the frequency domain along the time axis"):
+   'spectrum' (default): S_a = |FFT over the window's frames of z| (norm="ortho",
+   per mel bin), fftshift-ed like the video's spectrum, so row k of S_a is audio
+   temporal-frequency bin k and weights video temporal-frequency bin k, for any F,
+   odd or even. By Parseval sum(S_a^2) = sum(z^2) <= F * n_mels, so the encoder's
+   input has the same scale for every window length. |S_a| is symmetric in k for real
+   input, so the weights of bins k and -k agree and the real part taken after the
+   inverse FFT (see FrequencyFuser) loses nothing. A clip pulsing at r Hz over a
+   window of F frames at frame rate fps peaks at bins +-r * F / fps.
+   'index': the earlier form, z itself: frame j's features weight (shifted)
+   temporal-frequency bin j. Kept for comparison (UNet3DConfig.fuser_alignment).
+3. Encoder and bound: F_a^w = 1 + tanh(Enc(S_a) - 1), Enc = Linear, SiLU, Linear with
+   the last layer at weight 0, bias 1, so F_a^w is exactly 1 (the identity) at
+   initialisation and, whatever Enc learns and whatever the clip, every gain lies in
+   GAIN_RANGE = [0, 2]: the audio can remove a high-frequency component or at most
+   double it, never flip its sign, and no input (silence, clipping noise) can blow
+   up the high band. (The paper's Enc is unbounded; tanh adds no parameter and has
+   slope 1 at the identity, so training starts as with a plain Enc.)
 """
 from __future__ import annotations
 
@@ -32,6 +67,9 @@ import torch
 from torch import nn
 
 FILTER_KINDS = ("gaussian", "butterworth", "ideal", "box")
+FUSER_ALIGNMENTS = ("spectrum", "index")
+MEL_STD_FLOOR = 0.1  # nat of log-Mel power; see the module docstring
+GAIN_RANGE = (0.0, 2.0)  # every Frequency Fuser gain lies in this closed interval
 
 
 def _centred_coords(size: int) -> torch.Tensor:
@@ -65,13 +103,27 @@ def low_pass_filter(
     return out.float()
 
 
+def normalise_mel(mel: torch.Tensor, floor: float = MEL_STD_FLOOR) -> torch.Tensor:
+    """(B, F, n_mels) log-Mel -> per-clip standardised float32 (module docstring, step 1)."""
+    x = mel.float()
+    mean = x.mean(dim=(1, 2), keepdim=True)
+    var = x.var(dim=(1, 2), keepdim=True, correction=0)
+    return (x - mean) / torch.sqrt(var + floor**2)
+
+
+def temporal_spectrum(z: torch.Tensor) -> torch.Tensor:
+    """(B, F, n) -> (B, F, n): |FFT over frames| (ortho), fftshift-ed along F (row F//2 = DC)."""
+    return torch.fft.fftshift(torch.fft.fft(z.float(), dim=1, norm="ortho").abs(), dim=1)
+
+
 class FrequencyFuser(nn.Module):
     """Eq. 9: keep the low band of the 3D spectrum, weight the high band by Enc(F_a).
 
     Works channels-last on tokens viewed as (B, F, H, W, C), the layout a transformer
-    block already has, so no transpose is needed. Enc maps the per-frame log-Mel
-    features (B, F, n_mels) to weights (B, F, C); row j weights temporal-frequency
-    bin j of the fftshift-ed spectrum (DESIGN 1), broadcast over (H, W).
+    block already has, so no transpose is needed. `weights` maps the per-frame log-Mel
+    features (B, F, n_mels) to gains (B, F, C) in GAIN_RANGE: normalised, aligned
+    ('spectrum' or 'index') and encoded as in the module docstring; row j weights
+    temporal-frequency bin j of the fftshift-ed spectrum, broadcast over (H, W).
 
     Enc's last layer starts at weight 0, bias 1, so the weights are exactly 1 and the
     module is the identity (up to FFT round-off) at initialisation.
@@ -86,11 +138,15 @@ class FrequencyFuser(nn.Module):
         d_s: float = 0.25,
         d_t: float = 0.25,
         n: int = 4,
+        alignment: str = "spectrum",
     ):
         super().__init__()
         if kind not in FILTER_KINDS:
             raise ValueError(f"unknown filter kind '{kind}'; expected one of {FILTER_KINDS}")
+        if alignment not in FUSER_ALIGNMENTS:
+            raise ValueError(f"unknown alignment '{alignment}'; expected one of {FUSER_ALIGNMENTS}")
         self.kind, self.d_s, self.d_t, self.n = kind, d_s, d_t, n
+        self.alignment = alignment
         self.encoder = nn.Sequential(nn.Linear(n_mels, hidden), nn.SiLU(), nn.Linear(hidden, channels))
         self.reset_identity()
         # Filters depend only on the shape; caching them keeps the forward cheap and
@@ -101,9 +157,15 @@ class FrequencyFuser(nn.Module):
         nn.init.zeros_(self.encoder[-1].weight)
         nn.init.ones_(self.encoder[-1].bias)
 
+    def encoder_input(self, mel: torch.Tensor) -> torch.Tensor:
+        """(B, F, n_mels) raw log-Mel -> (B, F, n_mels) float32: S_a ('spectrum') or z ('index')."""
+        z = normalise_mel(mel)
+        return temporal_spectrum(z) if self.alignment == "spectrum" else z
+
     def weights(self, mel: torch.Tensor) -> torch.Tensor:
-        """(B, F, n_mels) -> (B, F, C)."""
-        return self.encoder(mel)
+        """(B, F, n_mels) raw log-Mel F_a -> (B, F, C) gains in GAIN_RANGE, row j for shifted bin j."""
+        pre = self.encoder(self.encoder_input(mel).to(self.encoder[-1].weight.dtype))
+        return 1.0 + torch.tanh(pre - 1.0)
 
     def _unshifted_filter(self, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
         key = tuple(int(s) for s in shape)

@@ -41,10 +41,20 @@ The audio condition
 `AudioCondition(embedding (B, 1024), magnitude (B, F), mel (B, F, n_mels))`, each
 field optional, plus `noise_level`, `noise` for TASI and `active` (B,) for mixing
 real rows and zero-condition rows in one batch. `audio=None` is the zero ("no
-audio") condition: a zero embedding through the same TASI path, Magnitude Modulator
-and Frequency Fuser inactive. The same zero embedding gives temb_uf, SceneMasker's
-foreground embedding. `AudioCondition.with_unconditional()` stacks the zero rows
-in front for batched classifier-free guidance.
+audio") condition: Magnitude Modulator and Frequency Fuser inactive, and unCLIP's own
+null class label, zeros over the whole 2 * embed_dim label (noise-level half
+included). SD 2.1 unCLIP learnt that label through embedding dropout, and diffusers'
+StableUnCLIPImg2ImgPipeline uses `torch.zeros_like(image_embeds)` of the augmented
+label as its negative; a noise-augmented zero *embedding* ([aug(0), emb(level)], what
+an earlier version used) is a label the model never saw. The null label is used
+wherever the model runs without audio (inversion, the unconditional rows of
+guidance, condition dropout in fine-tuning, inactive rows) and gives temb_uf,
+SceneMasker's foreground embedding. On a base without class embedding (TASI's own
+`class_proj`) the null condition adds nothing to temb (not even class_proj's bias).
+Audio labels are `TASI.augment(E_a)`, equal to diffusers'
+`StableUnCLIPImg2ImgPipeline.noise_image_embeddings(E_a, noise_level, noise)`.
+`AudioCondition.with_unconditional()` stacks the zero rows in front for batched
+classifier-free guidance.
 
 Forward
 -------
@@ -62,12 +72,21 @@ Decisions where the paper is silent
   Modulator -> norm2 -> conv2 -> temporal_conv2. The temporal convolutions are full
   (C x C x 3) 1D convolutions; the MM's MLP is SiLU-Linear-SiLU per block and W is
   bias-free, so a zero magnitude is exactly a no-op.
-* SceneMasker blends only temb (eq. 7) and masks the MM with (1 - M); the Frequency
-  Fuser acts on the whole clip, so mask = 1 everywhere equals the no-audio output
-  when no F_a is given (or the fuser is at its identity init). scene_masker=False
-  ignores the mask altogether (the "w/o SceneMasker" ablation).
-* Frequency Fuser: taking the real part after the inverse FFT makes the weight of
-  temporal bin k act as the mean of the weights of bins k and -k.
+* SceneMasker (paper: "constrain the influence of audio conditions only on the scene
+  areas") covers every audio path: it blends temb (eq. 7), masks the MM with (1 - M),
+  and, with `fuser_scene_masked` (default), lets the Frequency Fuser's output replace
+  the block's features only in the scene: x + (1 - M) (fused - x). So mask = 1
+  everywhere equals the no-audio output exactly. fuser_scene_masked=False (the
+  "unmasked Frequency Fuser" ablation) lets the fuser act on the whole clip.
+  scene_masker=False ignores the mask altogether (the "w/o SceneMasker" ablation).
+* The mask reaches coarse U-Net levels by max-pooling (adaptive_max_pool2d to the
+  block's (h, w)), so a foreground pixel at full resolution stays foreground at every
+  level: thin foreground (limbs, poles) gets no share of the audio's temb. (The
+  edit stage's latent mask max-pools in the same way.)
+* Frequency Fuser: gains from the audio's temporal spectrum, bounded to [0, 2]
+  (models.frequency's docstring: normalisation, alignment, bound). Taking the real
+  part after the inverse FFT makes the weight of temporal bin k act as the mean of
+  the weights of bins k and -k (equal for the 'spectrum' alignment).
 * TASI noise: one fixed noise vector (config.noise_seed) unless the caller passes
   one, so calls are deterministic; temb_f and temb_uf use the same noise.
 * "w/o TASI": E_a goes through a trainable Linear (identity-initialised when the
@@ -100,7 +119,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .checkpoints import CheckpointMismatchError, MissingWeightsError, load_state_dict, require_folder
-from .frequency import FILTER_KINDS, FrequencyFuser
+from .frequency import FILTER_KINDS, FUSER_ALIGNMENTS, FrequencyFuser
 
 __all__ = [
     "AudioCondition",
@@ -165,6 +184,11 @@ class UNet3DConfig:
     d_s: float = 0.25
     d_t: float = 0.25
     butterworth_n: int = 4
+    # Frequency Fuser under SceneMasker: fused features only in the scene (False: the
+    # "unmasked Frequency Fuser" ablation). No parameters: not structural.
+    fuser_scene_masked: bool = True
+    # F_a^w from the audio's temporal spectrum ("spectrum") or per frame by index ("index").
+    fuser_alignment: str = "spectrum"
     ff_hidden: int = 128
     mm_hidden: int | None = None  # None: the block's channel count
     seed: int = 0  # init of the new parts that are not zero/identity-initialised
@@ -172,6 +196,8 @@ class UNet3DConfig:
     def __post_init__(self):
         if self.filter_kind not in FILTER_KINDS:
             raise ValueError(f"filter_kind must be one of {FILTER_KINDS}, got '{self.filter_kind}'")
+        if self.fuser_alignment not in FUSER_ALIGNMENTS:
+            raise ValueError(f"fuser_alignment must be one of {FUSER_ALIGNMENTS}, got '{self.fuser_alignment}'")
         if self.temporal_kernel < 1 or self.temporal_kernel % 2 == 0:
             raise ValueError(f"temporal_kernel must be odd and >= 1, got {self.temporal_kernel}")
 
@@ -191,14 +217,14 @@ class UNet3DConfig:
 class AudioCondition:
     """Audio features for one batch of videos (B videos of F frames).
 
-    embedding: (B, embed_dim) ImageBind E_a; None = zero embedding.
+    embedding: (B, embed_dim) ImageBind E_a; None = unCLIP's null label (no audio semantics).
     magnitude: (B, F) M_a; None = Magnitude Modulator inactive (same as all zeros).
     mel: (B, F, n_mels) F_a; None = Frequency Fuser inactive (identity).
     noise_level: TASI noise level; None = the model config's.
     noise: (B, embed_dim) or (embed_dim,) TASI noise; None = the model's fixed noise
         vector (seeded by config.noise_seed), so repeated calls are deterministic.
-    active: (B,) bool; False rows are the zero condition whatever the other fields
-        hold (for batching conditional and unconditional rows).
+    active: (B,) bool; False rows are the zero condition (null label, no MM, no fuser)
+        whatever the other fields hold (for batching conditional and unconditional rows).
     """
 
     embedding: torch.Tensor | None = None
@@ -301,7 +327,8 @@ class TASI(nn.Module):
     the noising schedule's alphas_cumprod[noise_level]; the U-Net's class embedding
     (projection, input 2 * embed_dim) turns it into a temb offset. For a base with no
     class embedding, `class_proj` (zero-init, embed_dim -> temb dim) projects the
-    noise-augmented embedding instead.
+    noise-augmented embedding instead. The "no audio" label is not an augmented zero
+    embedding but unCLIP's null, zeros over all 2 * embed_dim (AudioScenicUNet3D).
     """
 
     def __init__(self, embed_dim: int, class_proj_dim: int | None, noise_seed: int = 0):
@@ -373,7 +400,7 @@ class _State:
         # every temporal part, and the key/value frame 0 of the window's sparse-causal attention.
         self.anchored: bool = anchored
         self.temb_f = temb_f  # (B*F, T) with the audio
-        self.temb_uf = temb_uf  # (B*F, T) with the zero embedding
+        self.temb_uf = temb_uf  # (B*F, T) with the null label (no audio)
         self.mask = mask  # (B*F, 1, H, W) or None, 1 = foreground
         self.mm_scale = mm_scale  # (B*F, 1) magnitude (0 on inactive rows) or None
         self.mel = mel  # (B, F, n_mels) or None
@@ -382,13 +409,14 @@ class _State:
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
 
     def mask_at(self, hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor | None:
-        """The mask resized to a block's (h, w); area averaging keeps 0 and 1 exact."""
+        """The mask resized to a block's (h, w) by max-pooling: a foreground pixel at full
+        resolution stays foreground at every level (a binary mask stays binary)."""
         if self.mask is None:
             return None
         key = (int(hw[0]), int(hw[1]))
         m = self._masks.get(key)
         if m is None:
-            m = self.mask if tuple(self.mask.shape[-2:]) == key else F.interpolate(self.mask, size=key, mode="area")
+            m = self.mask if tuple(self.mask.shape[-2:]) == key else F.adaptive_max_pool2d(self.mask, key)
             self._masks[key] = m
         return m.to(dtype)
 
@@ -582,18 +610,27 @@ class InflatedTransformerBlock(BasicTransformerBlock):
         f = st.frames
         h, w = st.spatial(n)
         x = hidden_states.view(bf // f, f, h, w, c)
-        # The FFT acts within a clip: the window, and the anchor (if any) on its own.
-        clips = [(0, 1), (1, f)] if st.anchored else [(0, f)]
-        out = [self._fuse_clip(x[:, a:b], st.mel[:, a:b], st) for a, b in clips]
-        return (out[0] if len(out) == 1 else torch.cat(out, 1)).reshape(bf, n, c)
+        fused = self._fused(x, st.mel, st)
+        m = st.mask_at((h, w), fused.dtype) if st.config.fuser_scene_masked else None
+        if m is not None:
+            # SceneMasker over the fuser: its output replaces the block's features only in
+            # the scene; exactly x where M = 1.
+            m = m.view(bf // f, f, h, w, 1)
+            fused = x + (1 - m) * (fused - x)
+        return fused.reshape(bf, n, c)
 
-    def _fuse_clip(self, x: torch.Tensor, mel: torch.Tensor, st: _State) -> torch.Tensor:
-        """x (B, f, h, w, C), mel (B, f, n_mels) -> fused x."""
-        weights = self.frequency_fuser.weights(mel.to(x.dtype))
-        if st.active is not None:
-            # Zero-condition rows: weights 1, i.e. the fuser is the identity there.
-            weights = torch.where(st.active[:, None, None], weights, torch.ones_like(weights))
-        return self.frequency_fuser(x, weights)
+    def _fused(self, x: torch.Tensor, mel: torch.Tensor, st: _State) -> torch.Tensor:
+        """x (B, F, h, w, C), mel (B, F, n_mels) -> the fuser's output. The FFT (and the audio's
+        temporal spectrum) act within a clip: the window, and the anchor (if any) on its own."""
+        clips = [(0, 1), (1, st.frames)] if st.anchored else [(0, st.frames)]
+        out = []
+        for a, b in clips:
+            weights = self.frequency_fuser.weights(mel[:, a:b])
+            if st.active is not None:
+                # Zero-condition rows: weights 1, i.e. the fuser is the identity there.
+                weights = torch.where(st.active[:, None, None], weights, torch.ones_like(weights))
+            out.append(self.frequency_fuser(x[:, a:b], weights))
+        return out[0] if len(out) == 1 else torch.cat(out, 1)
 
 
 def _new_temporal_conv(channels: int, kernel: int, like: torch.Tensor) -> nn.Conv3d:
@@ -633,7 +670,9 @@ def _inflate_transformer_block(block: BasicTransformerBlock, cfg: UNet3DConfig, 
     dim = block.dim
     block.frequency_fuser = None
     if cfg.frequency_fuser:
-        ff = FrequencyFuser(dim, cfg.n_mels, cfg.ff_hidden, cfg.filter_kind, cfg.d_s, cfg.d_t, cfg.butterworth_n)
+        ff = FrequencyFuser(
+            dim, cfg.n_mels, cfg.ff_hidden, cfg.filter_kind, cfg.d_s, cfg.d_t, cfg.butterworth_n, cfg.fuser_alignment
+        )
         block.frequency_fuser = ff.to(like.device, like.dtype)
     block.temporal_attention = None
     if cfg.temporal_attention:
@@ -772,18 +811,36 @@ class AudioScenicUNet3D(nn.Module):
             sizes.append((H, W))
         return sizes
 
-    def _temb(self, base: torch.Tensor, labels: torch.Tensor, frames: int, x: torch.Tensor) -> torch.Tensor:
+    def _temb(
+        self,
+        base: torch.Tensor,
+        labels: torch.Tensor | None,
+        frames: int,
+        x: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """temb for (B, label_dim) labels; labels None = the null condition. rows (B,) bool:
+        the rows that carry audio (None = all); the others are the null condition."""
         unet = self.unet
         emb = base
         if unet.class_embedding is not None:
+            if labels is None:
+                labels = self._null_labels(base.shape[0] // frames, x.device)
             ce = unet.get_class_embed(sample=x, class_labels=labels.to(x.dtype)).repeat_interleave(frames, 0)
             emb = torch.cat([emb, ce], dim=-1) if unet.config.class_embeddings_concat else emb + ce
-        elif self.tasi.class_proj is not None:
+        elif self.tasi.class_proj is not None and labels is not None:
+            # No class embedding: the null condition adds nothing (not even class_proj's bias).
             ce = self.tasi.class_proj(labels[:, : self.config.embed_dim].to(x.dtype))
+            if rows is not None:
+                ce = ce * rows[:, None].to(ce.dtype)
             emb = emb + ce.repeat_interleave(frames, 0)
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
         return emb
+
+    def _null_labels(self, batch: int, device: torch.device) -> torch.Tensor:
+        """unCLIP's null class label: zeros over all 2 * embed_dim (module docstring)."""
+        return torch.zeros(batch, 2 * self.config.embed_dim, device=device)
 
     def forward(
         self,
@@ -805,7 +862,7 @@ class AudioScenicUNet3D(nn.Module):
         timestep: scalar or (B,). encoder_hidden_states: (B, N, D) (or (1, N, D), shared).
         class_labels: optional (B, label_dim) TASI labels for temb_f, already noise-augmented
             (overrides audio.embedding; label_dim = 2 * embed_dim).
-        audio: AudioCondition or None (the zero condition).
+        audio: AudioCondition or None (the zero condition: unCLIP's null label, zeros).
         mask: (B, F, h, w) or (B, 1, F, h, w) foreground mask (1 = foreground) at any
             resolution; None = no SceneMasker (everything is scene).
         ControlNet residuals: per-frame results, folded (B*F, ...) or (B, C, F, h, w);
@@ -847,25 +904,24 @@ class AudioScenicUNet3D(nn.Module):
         if noise is not None and noise.dim() == 2 and noise.shape[0] != B:
             raise ValueError(f"audio.noise must be (B={B}, {cfg.embed_dim}) or ({cfg.embed_dim},)")
 
-        labels_uf = self.tasi.augment(torch.zeros(B, cfg.embed_dim, device=dev), level, noise)
+        # Class labels of temb_f; None = unCLIP's null label (zeros), which temb_uf always has.
+        labels_f = class_labels
         if cfg.tasi:
-            if class_labels is not None:
-                labels_f = class_labels
-            elif audio.embedding is None:
-                labels_f = labels_uf  # the zero condition: one embedding serves both
-            else:
+            if labels_f is None and audio.embedding is not None:
                 labels_f = self.tasi.augment(emb, level, noise)
         else:
-            labels_f = class_labels if class_labels is not None else labels_uf
             # "w/o TASI": E_a becomes one extra cross-attention token.
             token = self.audio_token_proj(emb.to(self.audio_token_proj.weight.dtype))[:, None, :]
             ehs = torch.cat([ehs, token.to(ehs.dtype)], dim=1)
-        if labels_f.shape[0] != B:
-            raise ValueError(f"class_labels batch {labels_f.shape[0]} != B = {B}")
+        if labels_f is not None:
+            if labels_f.shape[0] != B:
+                raise ValueError(f"class_labels batch {labels_f.shape[0]} != B = {B}")
+            if active is not None:  # inactive rows: the null label
+                labels_f = labels_f * active[:, None].to(labels_f.dtype)
 
         base = self.unet.time_embedding(self.unet.get_time_embed(sample=x, timestep=t), None)
-        temb_f = self._temb(base, labels_f, Fr, x)
-        temb_uf = temb_f if (labels_f is labels_uf) else self._temb(base, labels_uf, Fr, x)
+        temb_uf = self._temb(base, None, Fr, x)
+        temb_f = temb_uf if labels_f is None else self._temb(base, labels_f, Fr, x, active)
 
         m = None
         if mask is not None:
@@ -895,7 +951,8 @@ class AudioScenicUNet3D(nn.Module):
 
         unet_labels = None
         if self.unet.class_embedding is not None:
-            unet_labels = labels_f.repeat_interleave(Fr, 0).to(dtype)
+            lab = labels_f if labels_f is not None else self._null_labels(B, dev)
+            unet_labels = lab.repeat_interleave(Fr, 0).to(dtype)
         self._runtime.state = state
         ok = False
         try:

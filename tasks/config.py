@@ -150,14 +150,16 @@ QUICK_STAGES: dict[str, dict[str, Any]] = {
 }
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-# The paper's ablations (Table 2) plus the Magnitude Modulator: name -> U-Net switch
-# overrides (models.unet3d.UNet3DConfig fields). "full" is the method itself.
+# The paper's ablations (Table 2) plus the Magnitude Modulator and the Frequency Fuser
+# outside SceneMasker: name -> U-Net switch overrides (models.unet3d.UNet3DConfig
+# fields). "full" is the method itself.
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
     "no_tasi": {"tasi": False},
     "no_scene_masker": {"scene_masker": False},
     "no_frequency_fuser": {"frequency_fuser": False},
     "no_magnitude_modulator": {"magnitude_modulator": False},
+    "unmasked_frequency_fuser": {"fuser_scene_masked": False},
 }
 
 
@@ -176,7 +178,8 @@ class InversionStageConfig(_Strict):
     # the round trip then approaches the sampler's exact inverse). 0 = plain DDIM inversion.
     fixed_point_iters: int = Field(0, ge=0, le=10)
     batch_size: int = Field(8, gt=0)  # videos per Prefect task
-    code_version: CodeVersion = "1"
+    # "2": the zero audio condition is unCLIP's null label (issue 14).
+    code_version: CodeVersion = "2"
 
 
 class FinetuneStageConfig(_Strict):
@@ -194,7 +197,9 @@ class FinetuneStageConfig(_Strict):
     keep_checkpoints: bool = False  # delete an item's checkpoint once its weights are committed
     weights_dir: Path | None = None  # default <workdir>/finetune
     batch_size: int = Field(1, gt=0)  # fine-tuning items per Prefect task
-    code_version: CodeVersion = "1"
+    # "2": unCLIP's null label for condition dropout; Frequency Fuser on the normalised
+    # temporal spectrum of F_a with bounded gains (issue 14).
+    code_version: CodeVersion = "2"
 
     @field_validator("variants")
     @classmethod
@@ -222,7 +227,9 @@ class EditStageConfig(_Strict):
     clip_batch: int = Field(1, gt=0)  # clips denoised together (memory knob, not in the cache key)
     decode_chunk: int = Field(4, gt=0)  # frames per VAE decode (memory knob, not in the cache key)
     batch_size: int = Field(16, gt=0)  # edits per Prefect task (a batch never mixes videos)
-    code_version: CodeVersion = "1"
+    # "2": unCLIP's null label, Frequency Fuser under SceneMasker and on the audio's
+    # temporal spectrum, max-pooled coarse masks (issue 14).
+    code_version: CodeVersion = "2"
 
 
 class WindowsConfig(_Strict):

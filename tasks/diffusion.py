@@ -2,10 +2,11 @@
 
 Variants (the top-level `variants` of the config) are U-Net switch overrides by name;
 stages.finetune.variants picks the ones a run fine-tunes and edits with. A switch
-that acts only through the SceneMasker mask (`scene_masker`) plays no part in
-fine-tuning or inversion, which never pass a mask: variants that differ only there
-share one fine-tuned model (`training_variant`), so the "w/o SceneMasker" ablation
-edits with the full model's weights instead of training an identical copy.
+that acts only through the SceneMasker mask (`scene_masker`, `fuser_scene_masked`)
+plays no part in fine-tuning or inversion, which never pass a mask: variants that
+differ only there share one fine-tuned model (`training_variant`), so the "w/o
+SceneMasker" and "Frequency Fuser unmasked" ablations edit with the full model's
+weights instead of training identical copies.
 
 Models come from the tiny preset (seeded random weights, built offline) or from the
 base diffusers folder (models.paths.base: unet/, scheduler/, tokenizer/,
@@ -25,7 +26,7 @@ from tasks.config import ConfigError
 from tasks.video import model_identity
 
 # U-Net switches that act only through the mask, which fine-tuning and inversion never pass.
-EDIT_ONLY_SWITCHES = ("scene_masker",)
+EDIT_ONLY_SWITCHES = ("scene_masker", "fuser_scene_masked")
 
 _PROMPTS: dict[str, torch.Tensor] = {}  # blank-prompt encodings by model identity, per process
 

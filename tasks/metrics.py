@@ -202,6 +202,7 @@ VARIANT_NAMES = {
     "no_tasi": "w/o TASI",
     "no_scene_masker": "w/o SceneMasker",
     "no_frequency_fuser": "w/o Frequency Fuser",
+    "unmasked_frequency_fuser": "Frequency Fuser unmasked",
     "no_magnitude_modulator": "w/o Magnitude Modulator",
     "full": "Ours",
 }

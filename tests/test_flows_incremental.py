@@ -122,11 +122,11 @@ def test_incremental_grid(grid, capsys):
     assert sorted(n for n, _ in tasks) == ["audio-features", "edit", "metrics"]
 
     # --- a config code_version bump (fine-tuning): that stage and everything downstream, nothing upstream.
-    bump = {"stages.finetune.code_version": "2"}
-    assert main(["status", str(config), "--json", "--set", "stages.finetune.code_version=2"]) == 0
+    bump = {"stages.finetune.code_version": "3"}
+    assert main(["status", str(config), "--json", "--set", "stages.finetune.code_version=3"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["stages"]["finetune"]["items"] == [
-        {"item": f"{video}/{src}/full", "state": "stale", "reasons": ["code_version 1 -> 2"]}]
+        {"item": f"{video}/{src}/full", "state": "stale", "reasons": ["code_version 2 -> 3"]}]
     assert {it["item"]: it["reasons"] for it in report["stages"]["edit"]["items"]} == {
         f"{video}/{c}/full": ["upstream changed: finetune"] for c in clips}
     assert report["stages"]["audio"]["stale"] == report["stages"]["inversion"]["stale"] == 0

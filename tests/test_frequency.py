@@ -111,3 +111,147 @@ def test_fuser_rejects_bad_weight_shape():
     ff = FrequencyFuser(channels=3, n_mels=4)
     with pytest.raises(ValueError, match="frequency weights"):
         ff(torch.randn(1, 2, 4, 4, 3), torch.ones(1, 3, 3))
+
+
+# ----------------------------------------------------------------- F_a: normalisation, alignment, gains (issue 14)
+
+SR = 16000
+
+
+def _noise(seconds, amplitude, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(1, int(seconds * SR), generator=g) * 2 - 1) * amplitude
+
+
+def _trained_like(fuser, std=3.0, seed=0):
+    """Large random encoder weights (far from the identity init), as after fine-tuning."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in fuser.encoder.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return fuser
+
+
+@pytest.mark.parametrize("alignment", ["spectrum", "index"])
+def test_gains_stay_in_range_from_digital_silence_to_full_scale_noise(alignment):
+    from models.frequency import GAIN_RANGE, normalise_mel
+    from tasks.audio import mel_features
+
+    t = torch.arange(2 * SR) / SR
+    clips = {
+        "digital silence": torch.zeros(1, 2 * SR),
+        "-80 dBFS noise": _noise(2, 1e-4),
+        "-40 dBFS noise": _noise(2, 1e-2),
+        "sine": 0.5 * torch.sin(2 * math.pi * 440 * t)[None],
+        "full-scale noise": _noise(2, 1.0),
+        "full-scale square wave (clipped)": torch.sign(torch.sin(2 * math.pi * 440 * t))[None],
+        "full-scale stereo noise at 44.1 kHz": torch.rand(2, 88200, generator=torch.Generator().manual_seed(3)) * 2 - 1,
+    }
+    frames, n_mels = 8, 128
+    fuser = _trained_like(FrequencyFuser(channels=16, n_mels=n_mels, hidden=32, alignment=alignment))
+    gains = {}
+    for name, wave in clips.items():
+        sr = 44100 if "44.1" in name else SR
+        mel = mel_features(wave, sr, frames, n_mels)[None]
+        feats = fuser.encoder_input(mel)
+        # The encoder's input has a fixed scale whatever the loudness: sum of squares <= F * n_mels.
+        assert torch.isfinite(feats).all() and (feats**2).sum().item() <= frames * n_mels * (1 + 1e-4), name
+        w = fuser.weights(mel)
+        assert w.shape == (1, frames, 16)
+        assert torch.isfinite(w).all(), name
+        assert w.min().item() >= GAIN_RANGE[0] and w.max().item() <= GAIN_RANGE[1], name
+        gains[name] = w
+    assert GAIN_RANGE == (0.0, 2.0)
+    # The weights are not trivially constant: different sounds, different gains (near both ends).
+    assert (gains["sine"] - gains["full-scale noise"]).abs().max() > 0.1
+    both = torch.cat(list(gains.values()))
+    assert both.min() < 0.05 and both.max() > 1.95  # saturating weights reach towards both ends
+    # Digital silence: a flat spectrogram standardises to ~0 instead of amplified rounding noise.
+    silence = mel_features(clips["digital silence"], SR, frames, n_mels)[None]
+    assert normalise_mel(silence).abs().max() < 1e-3
+    # Loudness alone does not move the gains: the same noise 40 dB quieter.
+    loud, quiet = gains["full-scale noise"], fuser.weights(mel_features(_noise(2, 1.0) * 0.01, SR, frames, n_mels)[None])
+    assert (loud - quiet).abs().max() < 0.02 < (loud - gains["sine"]).abs().max()
+
+
+def test_gains_are_one_at_init_for_any_clip():
+    from tasks.audio import mel_features
+
+    fuser = FrequencyFuser(channels=4, n_mels=64)
+    for wave in (torch.zeros(1, SR), _noise(1, 1.0)):
+        assert torch.equal(fuser.weights(mel_features(wave, SR, 5, 64)[None]), torch.ones(1, 5, 4))
+
+
+def _monotone(fuser):
+    """An encoder whose gain grows with the mean encoder input over mel bins (same for every channel)."""
+    with torch.no_grad():
+        fuser.encoder[0].weight.fill_(1.0 / fuser.encoder[0].in_features)
+        fuser.encoder[0].bias.zero_()
+        fuser.encoder[2].weight.fill_(0.5)
+        fuser.encoder[2].bias.fill_(1.0)
+    return fuser
+
+
+@pytest.mark.parametrize("frames,k0", [(8, 2), (15, 3), (16, 5)])
+def test_temporal_spectrum_alignment_weights_the_pulse_rate_bin_most(frames, k0):
+    """F_a pulsing k0 times over the window -> video temporal-frequency bins +-k0 (shifted
+    indices F//2 +- k0) get the largest gains; the index-matched form does not do that."""
+    n_mels, C = 32, 3
+    t = torch.arange(frames, dtype=torch.float64)
+    mel = (-5 + 2 * torch.cos(2 * math.pi * k0 * t / frames))[None, :, None].expand(1, frames, n_mels).float()
+    fuser = _monotone(FrequencyFuser(channels=C, n_mels=n_mels, hidden=4))
+    w = fuser.weights(mel)[0]  # (F, C)
+    hi, lo = frames // 2 + k0, frames // 2 - k0
+    others = [j for j in range(frames) if j not in (hi, lo)]
+    torch.testing.assert_close(w[hi], w[lo], rtol=0, atol=1e-6)  # symmetric: real part loses nothing
+    assert (w[hi] > w[others].max(0).values + 0.1).all()
+    index = _monotone(FrequencyFuser(channels=C, n_mels=n_mels, hidden=4, alignment="index"))
+    assert index.weights(mel)[0, :, 0].argmax().item() == 0  # frame 0 (a pulse peak) -> shifted bin 0
+
+    # The gains go where the video's own spectrum puts temporal frequency k0: a video
+    # component oscillating k0 times over the window is scaled by w[hi] (1 - P there).
+    x = torch.cos(2 * math.pi * k0 * t / frames).float()[None, :, None, None, None].expand(1, frames, 4, 4, C)
+    x = x * torch.tensor([1.0, -1.0, 1.0, -1.0])[None, None, :, None, None]  # high spatial frequency too
+    p = low_pass_filter((frames, 4, 4), "gaussian", 0.25, 0.25)[hi, 0, 2]  # shifted (k0, h Nyquist, w 0)
+    gain = p + (1 - p) * w[hi]  # (C,)
+    assert (gain > 1.1).all()
+    torch.testing.assert_close(fuser(x.contiguous(), w[None]), x * gain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("seconds,frames,rate", [(2.0, 8, 1.0), (3.0, 15, 1.0), (2.0, 16, 1.5)])
+def test_a_real_clip_pulsing_at_a_known_rate_weights_the_matching_bin(seconds, frames, rate):
+    """Noise whose loudness pulses at `rate` Hz, through tasks.audio.mel_features: among the
+    time-varying bins, k0 = rate * seconds (cycles per window) gets the largest gain."""
+    from tasks.audio import mel_features
+
+    t = torch.arange(int(seconds * SR)) / SR
+    wave = _noise(seconds, 0.5, seed=2) * (0.55 + 0.45 * torch.cos(2 * math.pi * rate * t))
+    fuser = _monotone(FrequencyFuser(channels=2, n_mels=128, hidden=4))
+    w = fuser.weights(mel_features(wave, SR, frames, 128)[None])[0, :, 0]
+    k0 = round(rate * seconds)
+    non_dc = [j for j in range(frames) if j != frames // 2]
+    best = max(non_dc, key=lambda j: w[j].item())
+    assert abs(best - frames // 2) == k0
+    others = [j for j in non_dc if abs(j - frames // 2) != k0]
+    assert w[frames // 2 + k0] > w[others].max() + 0.05
+
+
+def test_fuser_works_for_any_number_of_frames():
+    from models.frequency import temporal_spectrum
+
+    torch.manual_seed(0)
+    for frames in (1, 2, 5, 7, 8):
+        fuser = _trained_like(FrequencyFuser(channels=3, n_mels=6, hidden=5), std=0.5)
+        mel = torch.randn(2, frames, 6) * 3 - 4
+        w = fuser.weights(mel)
+        assert w.shape == (2, frames, 3) and torch.isfinite(w).all()
+        x = torch.randn(2, frames, 4, 6, 3)
+        assert fuser(x, w).shape == x.shape
+        # Row F//2 is the DC bin: the mean of z over the frames, times sqrt(F).
+        z = torch.randn(1, frames, 6)
+        torch.testing.assert_close(temporal_spectrum(z)[0, frames // 2], z[0].sum(0).abs() / math.sqrt(frames))
+
+
+def test_unknown_alignment_is_rejected():
+    with pytest.raises(ValueError, match="alignment"):
+        FrequencyFuser(channels=3, n_mels=4, alignment="phase")

@@ -30,8 +30,10 @@ from tasks.stage import WorkItem
 REPO = Path(__file__).resolve().parents[1]
 
 UPSTREAM = [audio, frames, masks, depth, latents, inversion]  # the same keys under every variant
-# The config's default variants: the method and its four ablations (the paper's Table 2 plus Magnitude Modulator).
-VARIANTS = ["full", "no_tasi", "no_scene_masker", "no_frequency_fuser", "no_magnitude_modulator"]
+# The config's default variants: the method and its five ablations (the paper's Table 2, plus the
+# Magnitude Modulator and the Frequency Fuser outside SceneMasker).
+VARIANTS = ["full", "no_tasi", "no_scene_masker", "no_frequency_fuser", "no_magnitude_modulator",
+            "unmasked_frequency_fuser"]
 EDITS = 2 * 4 * len(VARIANTS)
 
 
@@ -71,8 +73,9 @@ def test_upstream_stages_run_once_across_variants(ablation):
         assert all(r["status"] == "done" for r in rows)
         computed = [first.summaries[v][mod.STAGE]["computed"] for v in VARIANTS]
         assert computed == [len(ids)] + [0] * (len(VARIANTS) - 1), mod.STAGE
-    # "w/o SceneMasker" trains exactly what "full" trains: it reuses full's fine-tuned weights.
-    assert [first.summaries[v]["finetune"]["computed"] for v in VARIANTS] == [2, 2, 0, 2, 2]
+    # "w/o SceneMasker" and the unmasked Frequency Fuser train exactly what "full" trains (the
+    # mask plays no part in fine-tuning): they reuse full's fine-tuned weights.
+    assert [first.summaries[v]["finetune"]["computed"] for v in VARIANTS] == [2, 2, 0, 2, 2, 0]
     assert len(first.per_edit) == EDITS
     edits = EDITS // len(VARIANTS)
     for stage in ("edit", "metrics"):
@@ -84,7 +87,8 @@ def test_one_table_row_per_variant_in_table_2_order(ablation):
     _, first, _ = ablation
     table = first.by_variant
     assert [r["variant_name"] for r in table] == [
-        "w/o TASI", "w/o SceneMasker", "w/o Frequency Fuser", "w/o Magnitude Modulator", "Ours"]
+        "w/o TASI", "w/o SceneMasker", "w/o Frequency Fuser", "Frequency Fuser unmasked",
+        "w/o Magnitude Modulator", "Ours"]
     assert all(r["edits"] == 8 for r in table)
     # Each variant's row is the mean of its own edits' rows.
     per_edit = first.per_edit
@@ -113,7 +117,7 @@ def test_ablation_refuses_variants_that_would_overwrite_each_others_edits(ablati
 
     monkeypatch.setattr(metrics, "edit_module", lambda: types.SimpleNamespace(work_items=work_items))
     with pytest.raises(ConfigError, match="write different edits to edits/ball/x/same"):
-        run_ablation(Path(cfg.workdir) / "demo.yaml", None, [], catalog=Catalog())  # the config's five variants
+        run_ablation(Path(cfg.workdir) / "demo.yaml", None, [], catalog=Catalog())  # the config's six variants
 
 
 def test_report_folder_is_self_contained(ablation):

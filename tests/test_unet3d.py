@@ -245,9 +245,9 @@ def test_temporal_parts_mix_frames_once_perturbed(base, inputs):
 
 
 def test_scene_masker(base, inputs):
-    # Every weighted part perturbed except the Frequency Fuser (not masked, see unet3d docs).
-    model = make(base, frequency_fuser=False)
-    perturb(model, "temporal_conv", "temporal_attention", "magnitude_modulator")
+    # Every weighted part perturbed, the Frequency Fuser included (SceneMasker masks it too).
+    model = make(base)
+    perturb(model, "temporal_conv", "temporal_attention", "magnitude_modulator", "frequency_fuser")
     ones, zeros = torch.ones(B, FR, H * 8, W * 8), torch.zeros(B, FR, H * 8, W * 8)
     no_audio = run(model, inputs, audio=None)
     with_audio = run(model, inputs)
@@ -279,7 +279,7 @@ def test_scene_masker_resizes_per_block(base, inputs):
     half[..., :10] = 1  # left half foreground
     out_half = run(model, inputs, mask=half)
     out_half_big = run(model, inputs, mask=half.repeat_interleave(4, -2).repeat_interleave(4, -1))
-    assert maxdiff(out_half, out_half_big) <= TOL  # area resizing: same masks at every block
+    assert maxdiff(out_half, out_half_big) <= TOL  # max-pool resizing: same masks at every block
     fg, bg = run(model, inputs, audio=None), run(model, inputs)
     # Far from the boundary the output follows the region's condition more closely.
     left, right = (Ellipsis, slice(0, 2)), (Ellipsis, slice(8, 10))
@@ -311,6 +311,7 @@ def test_magnitude_modulator(base, inputs):
 
 
 def test_frequency_fuser(base, inputs):
+    """Default alignment 'spectrum': the weights follow F_a's temporal spectrum (see models.frequency)."""
     model = make(base, **{**BARE, "frequency_fuser": True})
     off = make(base, **BARE)
     assert maxdiff(run(model, inputs), run(off, inputs)) <= TOL  # identity weights change nothing
@@ -320,8 +321,20 @@ def test_frequency_fuser(base, inputs):
     a = inputs["audio"]
     no_mel = AudioCondition(embedding=a.embedding, magnitude=a.magnitude)
     assert torch.equal(run(model, inputs, audio=no_mel), run(off, inputs, audio=no_mel))  # no F_a: skipped
-    other = AudioCondition(embedding=a.embedding, magnitude=a.magnitude, mel=a.mel.roll(1, dims=1))
+    other = AudioCondition(embedding=a.embedding, magnitude=a.magnitude, mel=a.mel.flip(2))
     assert maxdiff(run(model, inputs, audio=other), out) > 1e-4  # the weights follow F_a
+    # Only |FFT over frames| counts: F_a shifted in time (circularly) gives the same weights,
+    # and so does the same clip louder (a constant offset of the log-Mel).
+    rolled = AudioCondition(embedding=a.embedding, magnitude=a.magnitude, mel=a.mel.roll(1, dims=1))
+    assert maxdiff(run(model, inputs, audio=rolled), out) <= TOL
+    louder = AudioCondition(embedding=a.embedding, magnitude=a.magnitude, mel=a.mel + 4.0)
+    assert maxdiff(run(model, inputs, audio=louder), out) <= TOL
+    # The index-matched form (kept for comparison): frame j weights temporal bin j, so the roll counts.
+    index = make(base, **{**BARE, "frequency_fuser": True, "fuser_alignment": "index"})
+    index.load_state_dict(model.state_dict())
+    out_index = run(index, inputs)
+    assert maxdiff(out_index, out) > 1e-4
+    assert maxdiff(run(index, inputs, audio=rolled), out_index) > 1e-4
 
 
 def test_tasi_matches_unclip_noise_augmentation(base):
@@ -343,13 +356,22 @@ def test_tasi_matches_unclip_noise_augmentation(base):
     torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_tasi_audio_reaches_temb_and_zero_embedding_is_no_audio(base, inputs):
+def test_tasi_audio_reaches_temb_and_no_audio_is_unclips_null_label(base, inputs):
     model = make(base, **BARE)
     a = inputs["audio"]
     out = run(model, inputs)
-    assert maxdiff(out, run(model, inputs, audio=None)) > 1e-2
+    none = run(model, inputs, audio=None)
+    assert maxdiff(out, none) > 1e-2
+    # No audio = unCLIP's null: zeros over the whole class label (tests/test_method_fidelity.py
+    # checks it against diffusers); no embedding, or inactive rows, are the same condition.
+    assert torch.equal(run(model, inputs, class_labels=torch.zeros(B, 2 * EMB), audio=None), none)
+    assert torch.equal(run(model, inputs, audio=AudioCondition(magnitude=a.magnitude)), none)
+    inactive = AudioCondition(embedding=a.embedding, active=torch.zeros(B, dtype=torch.bool))
+    assert torch.equal(run(model, inputs, audio=inactive), none)
+    # A zero *embedding* is an audio label like any other (noise-augmented, with the
+    # noise-level half), not the null: the model never saw it as "no audio".
     zero = AudioCondition(embedding=torch.zeros(B, EMB))
-    assert torch.equal(run(model, inputs, audio=zero), run(model, inputs, audio=None))
+    assert maxdiff(run(model, inputs, audio=zero), none) > 1e-3
     # Precomputed labels given as class_labels are the same path.
     labels = model.tasi.augment(a.embedding, 0)
     emb_only = AudioCondition(embedding=a.embedding)
@@ -366,7 +388,9 @@ def test_tasi_on_a_base_without_class_embedding(inputs):
     assert maxdiff(run(model, inputs), ref) > 1e-3
     trainable = set(model.trainable_parameter_names())
     assert {"tasi.class_proj.weight", "tasi.class_proj.bias"} <= grad_names(model, inputs) <= trainable
-    assert maxdiff(run(model, inputs, audio=None), ref) < maxdiff(run(model, inputs), ref)
+    # The null condition adds nothing to temb, not even the (now non-zero) bias of class_proj.
+    assert model.tasi.class_proj.bias.abs().max() > 0.1
+    assert maxdiff(run(model, inputs, audio=None), ref) <= TOL
 
 
 def test_without_tasi_audio_goes_through_cross_attention(base, inputs):
