@@ -87,7 +87,7 @@ def _setup(spec: dict):
         sync()
         return out
 
-    from models.unet3d import _is_new_part
+    from models.unet3d_io import _is_new_part
 
     n2d = sum(p.numel() for n, p in model.unet.named_parameters() if not _is_new_part("unet." + n))
     info = {

@@ -8,17 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableUnCLIPImg2ImgPipeline
-from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
+    StableUnCLIPImageNormalizer,
+)
 
 from models.unet3d import (
     AudioCondition,
     InflatedResnetBlock2D,
     InflatedTransformerBlock,
     UNet3DConfig,
-    _State,
     build_unet2d,
     inflate,
 )
+from models.unet3d_blocks import State
 
 B, FR, H, W = 2, 3, 16, 10
 EMB, N_MELS = 1024, 128
@@ -274,7 +276,7 @@ def test_coarse_masks_max_pool_so_thin_foreground_stays_foreground():
     mask = torch.zeros(1, 1, 128, 80)
     mask[..., 37, 51] = 1  # one foreground pixel
     mask[..., 100:, :2] = 1  # a 2-pixel-wide strip on the edge
-    st = _State(config=UNet3DConfig(), frames=1, temb_f=None, temb_uf=None, mask=mask, mm_scale=None,
+    st = State(config=UNet3DConfig(), frames=1, temb_f=None, temb_uf=None, mask=mask, mm_scale=None,
                 mel=None, active=None, level_sizes=[(16, 10), (8, 5), (4, 3)])
     for hw in [(16, 10), (8, 5), (4, 3), (2, 2)]:
         m = st.mask_at(hw, torch.float32)

@@ -6,7 +6,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from diffusers.models.embeddings import get_timestep_embedding
-from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
+    StableUnCLIPImageNormalizer,
+)
 
 from models.checkpoints import CheckpointMismatchError, MissingWeightsError
 from models.unet3d import (
@@ -578,7 +580,7 @@ def test_bad_inputs_are_rejected(base, inputs):
 
 
 def test_temporal_conv_is_a_conv_over_frames_per_pixel():
-    from models.unet3d import _temporal_conv
+    from models.unet3d_blocks import _temporal_conv
 
     g = torch.Generator().manual_seed(0)
     conv = torch.nn.Conv3d(8, 8, (3, 1, 1), padding=(1, 0, 0))
