@@ -30,9 +30,16 @@ def summarize_plan(entries: Sequence[PlanEntry]) -> dict[str, int]:
     return counts
 
 
-def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1) -> dict[str, Any]:
-    """Plan one stage from the ledger and submit one Prefect task per batch of its todo items."""
+def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1,
+              digests: dict[str, str] | None = None) -> dict[str, Any]:
+    """Plan one stage from the ledger and submit one Prefect task per batch of its todo items.
+
+    digests: when given, gets the stage's `flows.preflight.items_digest` (what it planned)."""
     items = mod.work_items(cfg, catalog)
+    if digests is not None:
+        from flows.preflight import items_digest
+
+        digests[mod.STAGE] = items_digest(items)
     entries = plan(items, ledger)
     todo = [e.item for e in entries if e.state != "done"]
     summary: dict[str, Any] = {"planned": summarize_plan(entries), "computed": 0, "adopted": 0,
