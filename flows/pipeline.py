@@ -14,7 +14,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.planning import run_stage
-from flows.preflight import COMPACT_AFTER_FRAGMENTS, answer_without_prefect, write_report_stamp
+from flows.plancache import fingerprint, store_planned
+from flows.preflight import COMPACT_AFTER_FRAGMENTS, answer_without_prefect, keys_digest, write_report_stamp
 from flows.stages import stage_modules
 from storage import Ledger
 from storage.state import open_state, using
@@ -64,21 +65,25 @@ def stages_flow(config_path: str, overrides: dict[str, Any] | None = None, only:
     logger.info("catalog: %s", summary["catalog"])
     catalog = read_catalog(cfg.catalog_path)
     ledger = Ledger(cfg.ledger_url, cfg.storage.storage_options)
-    state, digests = open_state(cfg.workdir), {}
+    state, planned, mods = open_state(cfg.workdir), {}, stage_modules()
     with using(state):  # key parts memoised here let the next plan skip the model libraries
-        for mod in stage_modules():
+        for mod in mods:
             if only is not None and mod.STAGE not in only:
                 continue
             summary[mod.STAGE] = run_stage(mod, cfg, catalog, ledger, max_concurrency=cfg.execution.max_concurrency,
-                                           digests=digests)
+                                           planned=planned)
             logger.info("%s: %s", mod.STAGE, {k: v for k, v in summary[mod.STAGE].items() if k != "failed"})
             for item, err in summary[mod.STAGE]["failed"].items():
                 logger.error("%s %s failed: %s", mod.STAGE, item, err)
     state.save()
-    if any(m.STAGE == "metrics" for m in stage_modules()) and (only is None or "metrics" in only):
+    if only is None:  # every stage planned: the next status or no-op check need not build these keys again
+        store_planned(cfg, fingerprint(cfg, catalog, mods), planned)
+    if any(m.STAGE == "metrics" for m in mods) and (only is None or "metrics" in only):
         summary["report"] = report_task(cfg)
-        if "metrics" in digests:
-            write_report_stamp(cfg, catalog, digests["metrics"], summary["report"])
+        if "metrics" in planned:
+            t = planned["metrics"]
+            write_report_stamp(cfg, catalog, keys_digest(t["item_id"].to_pylist(), t["key"].to_pylist()),
+                               summary["report"])
     if len(ledger.fragment_paths()) > COMPACT_AFTER_FRAGMENTS:
         logger.info("ledger compacted: %s", ledger.compact())
     return summary

@@ -31,15 +31,17 @@ def summarize_plan(entries: Sequence[PlanEntry]) -> dict[str, int]:
 
 
 def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1,
-              digests: dict[str, str] | None = None) -> dict[str, Any]:
+              planned: dict[str, Any] | None = None) -> dict[str, Any]:
     """Plan one stage from the ledger and submit one Prefect task per batch of its todo items.
 
-    digests: when given, gets the stage's `flows.preflight.items_digest` (what it planned)."""
+    planned: when given, gets the stage's planned keys (`flows.plancache` table)."""
     items = mod.work_items(cfg, catalog)
-    if digests is not None:
-        from flows.preflight import items_digest
+    if planned is not None:
+        import pyarrow as pa
 
-        digests[mod.STAGE] = items_digest(items)
+        from flows.plancache import SCHEMA, rows_of
+
+        planned[mod.STAGE] = pa.table(rows_of(items), schema=SCHEMA)
     entries = plan(items, ledger)
     todo = [e.item for e in entries if e.state != "done"]
     summary: dict[str, Any] = {"planned": summarize_plan(entries), "computed": 0, "adopted": 0,

@@ -22,7 +22,6 @@ from storage.files import atomic_path
 from storage.hashing import hash_params
 from storage.ledger import Ledger
 from storage.state import STATE_DIR, open_state, using
-from tasks.stage import PlanEntry, plan
 
 log = logging.getLogger("audioscenic")
 
@@ -35,7 +34,7 @@ REPORT_STAMP = "report-stamp.json"
 class Preflight:
     catalog_summary: dict[str, Any]
     catalog_current: bool  # the catalog on disk and its ledger row match a rescan now
-    stages: dict[str, list[PlanEntry]] = field(default_factory=dict)
+    stages: dict[str, list[tuple[str, str, tuple[str, ...]]]] = field(default_factory=dict)  # (item, state, reasons)
     report: dict[str, str] | None = None  # the last report's paths, while its stamp matches
     report_needed: bool = True  # the run would write a report (its stages are part of the run)
     why: list[str] = field(default_factory=list)  # what there is to do (empty: nothing)
@@ -55,16 +54,22 @@ class Preflight:
         return out
 
 
-def _counts(entries: list[PlanEntry]) -> dict[str, int]:
+def _counts(entries) -> dict[str, int]:
     counts = {"done": 0, "stale": 0, "missing": 0, "failed": 0}
-    for e in entries:
-        counts[e.state] += 1
+    for _, state, _ in entries:
+        counts[state] += 1
     return counts
 
 
-def items_digest(items) -> str:
+def keys_digest(item_ids, keys) -> str:
     """One hash over a stage's (item, key) pairs: equal digests, equal work."""
-    return hash_params(sorted(f"{it.item_id}@{it.key.key}" for it in items))
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(f"{i}@{k}" for i, k in zip(item_ids, keys))).encode()).hexdigest()
+
+
+def items_digest(items) -> str:
+    return keys_digest([it.item_id for it in items], [it.key.key for it in items])
 
 
 def _code_digest() -> str:
@@ -116,6 +121,7 @@ def current_report(cfg, catalog, metrics_digest: str) -> dict[str, str] | None:
 
 def preflight(cfg, only: set[str] | None = None) -> Preflight:
     """Plan the whole run from the catalog scan and the ledger alone (no Prefect, no model library)."""
+    from flows.plancache import plan_keys, stage_keys
     from flows.stages import stage_modules
     from tasks.catalog import catalog_key, catalog_summary, previous_catalog, same_catalog, scan_catalog
 
@@ -131,18 +137,19 @@ def preflight(cfg, only: set[str] | None = None) -> Preflight:
         if not current:
             pf.why.append("catalog changed" if old is not None else "no catalog yet")
         mods = stage_modules()
+        keys = stage_keys(cfg, cat, mods)
         metrics_digest = None
         for mod in mods:
             if only is not None and mod.STAGE not in only:
                 continue
-            items = mod.work_items(cfg, cat)
-            entries = plan(items, snapshot)
+            entries = plan_keys(keys, mod.STAGE, snapshot)
             pf.stages[mod.STAGE] = entries
-            todo = sum(e.state != "done" for e in entries)
+            todo = sum(state != "done" for _, state, _ in entries)
             if todo:
                 pf.why.append(f"{mod.STAGE}: {todo} to do")
             if mod.STAGE == "metrics":
-                metrics_digest = items_digest(items)
+                t = keys.stages["metrics"]
+                metrics_digest = keys_digest(t["item_id"].to_pylist(), t["key"].to_pylist())
         pf.report_needed = any(m.STAGE == "metrics" for m in mods) and (only is None or "metrics" in only)
         if pf.report_needed:
             pf.report = current_report(cfg, cat, metrics_digest or "") if metrics_digest is not None else None

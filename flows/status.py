@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from flows.plancache import plan_keys, stage_keys
 from flows.stages import stage_modules
 from storage.ledger import Ledger
 from storage.state import open_state, using
 from tasks.catalog import read_catalog, scan_catalog
 from tasks.config import Config
-from tasks.stage import plan
 
 
 def stage_work_items(cfg: Config, catalog) -> dict[str, list]:
@@ -40,14 +40,15 @@ def status(cfg: Config, rescan: bool = True) -> dict[str, Any]:
             "issues": [str(i) for i in catalog.issues],
         }
         ledger = Ledger(cfg.ledger_url, cfg.storage.storage_options).snapshot()
-        for stage, items in stage_work_items(cfg, catalog).items():
-            entries = plan(items, ledger)
-            counts = Counter(e.state for e in entries)
+        keys = stage_keys(cfg, catalog, stage_modules())  # cached while config, catalog and code are unchanged
+        for stage in keys.stages:
+            entries = plan_keys(keys, stage, ledger)
+            counts = Counter(state for _, state, _ in entries)
             report["stages"][stage] = {
                 **{s: counts.get(s, 0) for s in ("done", "stale", "missing", "failed")},
                 "items": [
-                    {"item": e.item.item_id, "state": e.state, "reasons": list(e.reasons)}
-                    for e in entries if e.state != "done"
+                    {"item": item, "state": state, "reasons": list(reasons)}
+                    for item, state, reasons in entries if state != "done"
                 ],
             }
     state.save()

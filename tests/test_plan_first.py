@@ -117,10 +117,43 @@ def test_any_work_left_goes_to_the_flow(done):
     assert "catalog changed" in pf.why and "audio: 1 to do" in pf.why
     clip.write_bytes(clip.read_bytes()[:-2] + b"\x00\x00")
     # A failed item is work too.
-    item = next(it for it in pf.stages["depth"])
-    Ledger(cfg.ledger_url).append([dict(stage="depth", item_id=item.item.item_id, key=item.item.key.key,
+    from tasks import depth
+
+    item = depth.work_items(cfg, read_catalog(cfg.catalog_path))[0]
+    Ledger(cfg.ledger_url).append([dict(stage="depth", item_id=item.item_id, key=item.key.key,
                                         status="failed", error="boom")])
     assert "depth: 1 to do" in preflight(cfg).why
+
+
+def test_planned_keys_are_cached_and_never_trusted_blindly(done, monkeypatch):
+    """status/preflight keep every stage's keys in the workdir while config, catalog and code are unchanged."""
+    from flows import plancache
+    from flows.status import status
+    from tasks import depth
+
+    config, cfg, counts, _ = done
+    assert preflight(cfg).nothing_to_do
+    cache = cfg.workdir / ".audioscenic" / "plan.parquet"
+    assert cache.exists()
+    built = []
+    real = plancache.rows_of
+    monkeypatch.setattr(plancache, "rows_of", lambda items: built.append(1) or real(items))
+    assert preflight(cfg).nothing_to_do and built == []  # answered from the cache
+    # A config change, a code version changed at run time, a damaged cache: each rebuilds the keys.
+    bumped = load_config(config, {"stages.edit.guidance_scale": 3.0})
+    report = status(bumped)["stages"]
+    assert report["edit"]["stale"] == counts["edit"] and built
+    assert {tuple(i["reasons"]) for i in report["edit"]["items"]} == {("parameters changed",)}
+    built.clear()
+    report = status(bumped)["stages"]  # the second time from the cache, reasons included
+    assert built == [] and {tuple(i["reasons"]) for i in report["metrics"]["items"]} == {("upstream changed: edit",)}
+    monkeypatch.setattr(depth, "CODE_VERSION", depth.CODE_VERSION + ".1")
+    assert "depth: 1 to do" in preflight(cfg).why and built
+    monkeypatch.undo()
+    built.clear()
+    monkeypatch.setattr(plancache, "rows_of", lambda items: built.append(1) or real(items))
+    cache.write_bytes(b"PAR1 torn")
+    assert preflight(cfg).nothing_to_do and built
 
 
 def test_report_must_match_the_config_and_exist(done):
@@ -131,7 +164,7 @@ def test_report_must_match_the_config_and_exist(done):
     video = sorted(read_catalog(cfg.catalog_path).by_id("video"))[0]
     sub = load_config(config, {"grid.subsets": {"one": {"pairs": [[video, clip]]}}, "grid.selection": "one"})
     pf = preflight(sub)
-    assert all(e.state == "done" for entries in pf.stages.values() for e in entries)
+    assert all(state == "done" for entries in pf.stages.values() for _, state, _ in entries)
     assert pf.why == ["report not written for this state"]
     (cfg.workdir / "report" / "index.html").unlink()
     assert preflight(cfg).why == ["report not written for this state"]
