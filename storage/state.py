@@ -238,9 +238,11 @@ class HashState:
         return True
 
 
+_ENTRY_TYPES = [int, int, int, int, int, str, int]
+
+
 def _valid_entry(e: Any) -> bool:
-    return (isinstance(e, list) and len(e) == 7 and all(isinstance(x, int) and not isinstance(x, bool) for x in e[:5])
-            and isinstance(e[5], str) and len(e[5]) == 64 and isinstance(e[6], int) and not isinstance(e[6], bool))
+    return type(e) is list and [type(x) for x in e] == _ENTRY_TYPES and len(e[5]) == 64
 
 
 @contextlib.contextmanager

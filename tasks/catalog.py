@@ -154,11 +154,18 @@ def _name_ok(path: Path, catalog: Catalog) -> bool:
     return False
 
 
+def _frame_files(folder: Path) -> list[Path]:
+    """`tasks.media.frame_files` from one directory read (no stat per file): the same files, the same order."""
+    with os.scandir(folder) as it:
+        names = sorted(e.name for e in it if e.is_file() and os.path.splitext(e.name)[1].lower() in FRAME_EXTENSIONS)
+    return [folder / n for n in names]
+
+
 def _video_entry(path: Path, source: str, label: str | None, *, annotations: Path | None = None, split: str | None = None,
                  hashing: Hashing = PLAIN) -> dict[str, Any]:
     if path.is_dir():
         kind = "frames"
-        content = lambda: hashing.files((f.name, f) for f in frame_files(path))  # noqa: E731
+        content = lambda: hashing.files((f.name, f) for f in _frame_files(path))  # noqa: E731
         probe = probe_frame_folder
     else:
         kind = "video_file"
@@ -172,7 +179,7 @@ def _video_entry(path: Path, source: str, label: str | None, *, annotations: Pat
                       duration_s=info.duration_s, format=info.format)
     ann_hash = None
     if annotations is not None:
-        ann_hash = hashing.files((f.name, f) for f in frame_files(annotations))
+        ann_hash = hashing.files((f.name, f) for f in _frame_files(annotations))
     return _entry(
         media="video", kind=kind, source=source, name=path.name, path=str(path), label=label,
         content_hash=digest, annotations_path=str(annotations) if annotations else None,
