@@ -67,11 +67,10 @@ def _bars() -> bool:
 
 
 def _run(config_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    from flows.pipeline import pipeline_flow
-    from flows.progress import show_progress
+    """Plan first: with nothing to do, the answer comes from the ledger (no Prefect server, no model library)."""
+    from flows.preflight import run_pipeline
 
-    with show_progress(_bars()):
-        return pipeline_flow(str(config_path), overrides or None)
+    return run_pipeline(config_path, overrides or None, progress=_bars())
 
 
 def _summarise(summary: dict[str, Any], cfg) -> int:

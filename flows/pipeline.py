@@ -2,7 +2,9 @@
 
 Every flow reads one YAML config, refreshes the catalog, then runs its stages
 in dependency order; each stage is planned from the ledger, so a flow that
-finds nothing missing or stale does no stage work.
+finds nothing missing or stale does no stage work. Before the stages subflow (and
+its task runner, e.g. a Dask cluster) starts, the whole run is planned once
+(`flows.preflight`): with nothing to do, the flow returns that plan's summary.
 """
 from __future__ import annotations
 
@@ -12,8 +14,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.planning import run_stage
+from flows.plancache import fingerprint, store_planned
+from flows.preflight import COMPACT_AFTER_FRAGMENTS, answer_without_prefect, keys_digest, write_report_stamp
 from flows.stages import stage_modules
 from storage import Ledger
+from storage.state import open_state, using
 from tasks.catalog import catalog_task, read_catalog
 from tasks.config import load_config
 
@@ -30,13 +35,13 @@ def report_task(cfg) -> dict[str, str]:
     return {"report": str(index), **{k: str(v) for k, v in tables.items()}}
 
 
-# Planning reads every fragment; past a few hundred small files, one merged file is much faster.
-COMPACT_AFTER_FRAGMENTS = 256
-
-
 def run_stages(config_path: str, overrides: dict[str, Any] | None, only: set[str] | None = None) -> dict[str, Any]:
     """Run the stages in a subflow whose task runner the config picks (Prefect's default, or Dask)."""
     cfg = load_config(config_path, overrides)
+    summary = answer_without_prefect(cfg, only)
+    if summary is not None:
+        get_run_logger().info("nothing to do: every stage is done and the report is current")
+        return summary
     runner = task_runner(cfg)
     sub = stages_flow if runner is None else stages_flow.with_options(task_runner=runner)
     return sub(config_path, overrides, sorted(only) if only else None)
@@ -60,15 +65,25 @@ def stages_flow(config_path: str, overrides: dict[str, Any] | None = None, only:
     logger.info("catalog: %s", summary["catalog"])
     catalog = read_catalog(cfg.catalog_path)
     ledger = Ledger(cfg.ledger_url, cfg.storage.storage_options)
-    for mod in stage_modules():
-        if only is not None and mod.STAGE not in only:
-            continue
-        summary[mod.STAGE] = run_stage(mod, cfg, catalog, ledger, max_concurrency=cfg.execution.max_concurrency)
-        logger.info("%s: %s", mod.STAGE, {k: v for k, v in summary[mod.STAGE].items() if k != "failed"})
-        for item, err in summary[mod.STAGE]["failed"].items():
-            logger.error("%s %s failed: %s", mod.STAGE, item, err)
-    if any(m.STAGE == "metrics" for m in stage_modules()) and (only is None or "metrics" in only):
+    state, planned, mods = open_state(cfg.workdir), {}, stage_modules()
+    with using(state):  # key parts memoised here let the next plan skip the model libraries
+        for mod in mods:
+            if only is not None and mod.STAGE not in only:
+                continue
+            summary[mod.STAGE] = run_stage(mod, cfg, catalog, ledger, max_concurrency=cfg.execution.max_concurrency,
+                                           planned=planned)
+            logger.info("%s: %s", mod.STAGE, {k: v for k, v in summary[mod.STAGE].items() if k != "failed"})
+            for item, err in summary[mod.STAGE]["failed"].items():
+                logger.error("%s %s failed: %s", mod.STAGE, item, err)
+    state.save()
+    if only is None:  # every stage planned: the next status or no-op check need not build these keys again
+        store_planned(cfg, fingerprint(cfg, catalog, mods), planned)
+    if any(m.STAGE == "metrics" for m in mods) and (only is None or "metrics" in only):
         summary["report"] = report_task(cfg)
+        if "metrics" in planned:
+            t = planned["metrics"]
+            write_report_stamp(cfg, catalog, keys_digest(t["item_id"].to_pylist(), t["key"].to_pylist()),
+                               summary["report"])
     if len(ledger.fragment_paths()) > COMPACT_AFTER_FRAGMENTS:
         logger.info("ledger compacted: %s", ledger.compact())
     return summary

@@ -30,9 +30,18 @@ def summarize_plan(entries: Sequence[PlanEntry]) -> dict[str, int]:
     return counts
 
 
-def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1) -> dict[str, Any]:
-    """Plan one stage from the ledger and submit one Prefect task per batch of its todo items."""
+def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1,
+              planned: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Plan one stage from the ledger and submit one Prefect task per batch of its todo items.
+
+    planned: when given, gets the stage's planned keys (`flows.plancache` table)."""
     items = mod.work_items(cfg, catalog)
+    if planned is not None:
+        import pyarrow as pa
+
+        from flows.plancache import SCHEMA, rows_of
+
+        planned[mod.STAGE] = pa.table(rows_of(items), schema=SCHEMA)
     entries = plan(items, ledger)
     todo = [e.item for e in entries if e.state != "done"]
     summary: dict[str, Any] = {"planned": summarize_plan(entries), "computed": 0, "adopted": 0,

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
-import zarr.storage
+
+# zarr is imported where a store is opened, not here: planning and `status` (which
+# read only the ledger) import this module through the stage modules, and never pay for zarr.
 
 # ~8 MiB chunks keep one video's frames together (>= 1 MB, DESIGN 3) without
 # making a single chunk too large to stream.
@@ -89,6 +90,8 @@ class ArtifactWriter:
 def _open_or_create_group(store, path: str = "") -> zarr.Group:
     """Open the group at `path`, creating it if absent. Two workers may both find it absent and
     both create it: the loser's create fails with ContainsGroupError, and it opens the winner's."""
+    import zarr
+
     try:
         return zarr.open_group(store=store, path=path, mode="a")
     except zarr.errors.ContainsGroupError:
@@ -97,6 +100,8 @@ def _open_or_create_group(store, path: str = "") -> zarr.Group:
 
 class ArtifactStore:
     def __init__(self, url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None):
+        import zarr.storage
+
         self.url = os.fspath(url)
         if "://" in self.url and not self.url.startswith("file://"):
             self._store = zarr.storage.FsspecStore.from_url(
@@ -116,6 +121,8 @@ class ArtifactStore:
 
     # -- reading -----------------------------------------------------------
     def _group(self, path: str) -> zarr.Group | None:
+        import zarr
+
         check_artifact_path(path)
         try:
             node = self._root[path]

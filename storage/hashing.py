@@ -13,11 +13,10 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import PurePath
 from typing import Any
 
-import fsspec
 
 CHUNK_BYTES = 1 << 20
 ALGORITHM = "sha256"
@@ -29,6 +28,8 @@ def hash_bytes(data: bytes) -> str:
 
 def hash_file(path: str | os.PathLike, chunk_bytes: int = CHUNK_BYTES) -> str:
     """sha256 of a file's bytes, read in chunks; local paths or fsspec URLs."""
+    import fsspec
+
     h = hashlib.sha256()
     with fsspec.open(os.fspath(path), "rb") as f:
         while True:
@@ -39,16 +40,19 @@ def hash_file(path: str | os.PathLike, chunk_bytes: int = CHUNK_BYTES) -> str:
     return h.hexdigest()
 
 
-def hash_files(named: Iterable[tuple[str, str | os.PathLike]]) -> str:
+def hash_files(named: Iterable[tuple[str, str | os.PathLike]], file_hash: Callable[[Any], str] | None = None) -> str:
     """One hash over several files, each bound to its name (e.g. a folder of frames).
 
     Renaming, reordering, adding or removing a file changes the hash, as does any byte.
+    `file_hash` hashes one file (default `hash_file`; `storage.state.HashState.file_hash`
+    answers from its stat cache).
     """
+    file_hash = file_hash or hash_file
     h = hashlib.sha256()
     for name, path in sorted(named, key=lambda x: x[0]):
         h.update(name.encode("utf-8", "surrogateescape"))
         h.update(b"\0")
-        h.update(hash_file(path).encode())
+        h.update(file_hash(path).encode())
         h.update(b"\n")
     return h.hexdigest()
 

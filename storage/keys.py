@@ -63,16 +63,24 @@ class StageKey:
 
     def diff(self, *, code_version: str, params_hash: str, inputs_hash: str, upstream: Mapping[str, str]) -> list[str]:
         """Reasons a stored artifact with these parts differs from this key (empty if none)."""
-        reasons = []
-        if code_version != self.code_version:
-            reasons.append(f"code_version {code_version} -> {self.code_version}")
-        if params_hash != self.params_hash:
-            reasons.append("parameters changed")
-        if inputs_hash != self.inputs_hash:
-            reasons.append("input content changed")
-        changed = sorted(
-            name for name in set(upstream) | set(self.upstream) if upstream.get(name) != self.upstream.get(name)
+        return key_diff(
+            new={"code_version": self.code_version, "params_hash": self.params_hash, "inputs_hash": self.inputs_hash,
+                 "upstream": self.upstream},
+            old={"code_version": code_version, "params_hash": params_hash, "inputs_hash": inputs_hash, "upstream": upstream},
         )
-        if changed:
-            reasons.append("upstream changed: " + ", ".join(changed))
-        return reasons
+
+
+def key_diff(new: Mapping[str, Any], old: Mapping[str, Any]) -> list[str]:
+    """Reasons the key parts `old` (code_version, params_hash, inputs_hash, upstream) differ from `new`."""
+    reasons = []
+    if old["code_version"] != new["code_version"]:
+        reasons.append(f"code_version {old['code_version']} -> {new['code_version']}")
+    if old["params_hash"] != new["params_hash"]:
+        reasons.append("parameters changed")
+    if old["inputs_hash"] != new["inputs_hash"]:
+        reasons.append("input content changed")
+    up_old, up_new = old["upstream"], new["upstream"]
+    changed = sorted(name for name in set(up_old) | set(up_new) if up_old.get(name) != up_new.get(name))
+    if changed:
+        reasons.append("upstream changed: " + ", ".join(changed))
+    return reasons

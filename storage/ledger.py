@@ -160,14 +160,11 @@ class Ledger:
 
     def latest_table(self, stage: str, status: str | None = None) -> pa.Table:
         """One row per item of a stage: its most recent (optionally only rows of one status)."""
-        table = self.read(stage=stage, status=status)
-        if table.num_rows == 0:
-            return table
-        table = table.sort_by([("finished_at", "ascending")])
-        last: dict[str, int] = {}
-        for i, item in enumerate(table["item_id"].to_pylist()):
-            last[item] = i  # later rows win
-        return table.take(pa.array(sorted(last.values()), pa.int64()))
+        return _latest_rows(self.read(stage=stage, status=status))
+
+    def snapshot(self) -> "LedgerSnapshot":
+        """The ledger as of now, read once: planning many stages reads the fragments once, not per stage."""
+        return LedgerSnapshot(self.read(), self)
 
     def latest(self, stage: str, status: str | None = None) -> dict[str, dict[str, Any]]:
         """The most recent row per item of a stage, as dicts keyed by item id."""
@@ -199,3 +196,35 @@ class Ledger:
             except FileNotFoundError:
                 pass  # another compaction got there first; its output holds the rows
         return {"fragments_before": len(paths), "rows_before": rows_before, "rows_after": compacted.num_rows}
+
+
+def _latest_rows(table: pa.Table) -> pa.Table:
+    if table.num_rows == 0:
+        return table
+    table = table.sort_by([("finished_at", "ascending")])
+    last: dict[str, int] = {}
+    for i, item in enumerate(table["item_id"].to_pylist()):
+        last[item] = i  # later rows win
+    return table.take(pa.array(sorted(last.values()), pa.int64()))
+
+
+class LedgerSnapshot:
+    """Read-only view of one read of a ledger, answering `latest_table`/`latest` like the ledger itself."""
+
+    def __init__(self, table: pa.Table, ledger: Ledger | None = None):
+        self.table, self.ledger = table, ledger
+        self._latest: dict[tuple[str, str | None], pa.Table] = {}
+
+    def __repr__(self) -> str:
+        return f"LedgerSnapshot({self.table.num_rows} rows of {self.ledger!r})"
+
+    def latest_table(self, stage: str, status: str | None = None) -> pa.Table:
+        if (stage, status) not in self._latest:
+            mask = pc.equal(self.table["stage"], stage)
+            if status is not None:
+                mask = pc.and_(mask, pc.equal(self.table["status"], status))
+            self._latest[(stage, status)] = _latest_rows(self.table.filter(mask))
+        return self._latest[(stage, status)]
+
+    def latest(self, stage: str, status: str | None = None) -> dict[str, dict[str, Any]]:
+        return {row["item_id"]: row for row in self.latest_table(stage, status).to_pylist()}

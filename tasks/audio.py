@@ -15,13 +15,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from prefect import task
+from tasks.stage_lazy import torch  # imported on first use: planning needs no torch
 
 from storage import StageKey
 from storage.hashing import file_fingerprint
 from tasks.stage import WorkItem, run_items
-from tasks.stage_task import StageCachePolicy, run_logged_batch
+from tasks.stage_task import StageCachePolicy, run_logged_batch, task
 
 # ---------------------------------------------------------------- errors
 

@@ -5,6 +5,12 @@ palette masks, optional ImageSets/2017/{train,val}.txt), ESC-50 (audio/*.wav +
 meta/esc50.csv) and plain folders (video files, frame folders, audio files of
 any common format, detected by content). The result is one Parquet table; a bad
 item becomes a `CatalogIssue` naming it, and the rest of the catalog is intact.
+
+Hash once: with a `storage.state.HashState`, a file's content hash comes from the
+workdir's stat cache (read again only when its stat changed), and with the previous
+catalog, an item whose content hash is unchanged keeps its probed facts (frame count,
+size, duration) instead of decoding every frame again. So a rescan of an unchanged
+catalog costs one stat per file.
 """
 from __future__ import annotations
 
@@ -19,11 +25,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import get_run_logger, task
 
-from storage import Ledger, StageKey
 from storage.files import atomic_path
 from storage.hashing import hash_file, hash_files
+from storage.keys import StageKey
+from tasks.stage_task import task
 from tasks.ids import is_valid_utf8_name, unique_ids
 from tasks.media import (
     AUDIO_EXTENSIONS,
@@ -62,6 +68,43 @@ CATALOG_SCHEMA = pa.schema(
 )
 ESC50_COLUMNS = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
 Progress = Callable[[str], None] | None
+# What probing a video or audio file finds: a function of its content, reused while the content hash is unchanged.
+PROBED = ("num_frames", "fps", "width", "height", "duration_s", "sample_rate", "channels", "format")
+
+
+class Hashing:
+    """How a scan hashes files and whether it may reuse what an earlier catalog probed.
+
+    hashes: a `storage.state.HashState` (stat-cached hashes) or None (read every file);
+    previous: the last catalog, whose entries are reused by path while their content hash
+    (and kind) is unchanged.
+    """
+
+    def __init__(self, hashes=None, previous: "Catalog | None" = None):
+        self.hashes = hashes
+        self.previous = {e["path"]: e for e in previous.entries} if previous is not None else {}
+
+    def file(self, path: Path) -> str:
+        return self.hashes.file_hash(path) if self.hashes is not None else hash_file(path)
+
+    def files(self, named) -> str:
+        return hash_files(named, file_hash=self.hashes.file_hash if self.hashes is not None else None)
+
+    def probed(self, path: Path, kind: str, content: Callable[[], str]) -> tuple[str | None, dict[str, Any] | None]:
+        """(content hash or None, the previous catalog's probed fields for `path` if its content is unchanged, or None)."""
+        prev = self.previous.get(str(path))
+        if prev is None or prev.get("kind") != kind:
+            return None, None
+        try:
+            digest = content()
+        except OSError:
+            return None, None  # let the probe name the problem
+        if digest != prev.get("content_hash"):
+            return digest, None
+        return digest, {k: prev.get(k) for k in PROBED}
+
+
+PLAIN = Hashing()
 
 
 @dataclass(frozen=True)
@@ -111,32 +154,51 @@ def _name_ok(path: Path, catalog: Catalog) -> bool:
     return False
 
 
-def _video_entry(path: Path, source: str, label: str | None, *, annotations: Path | None = None, split: str | None = None) -> dict[str, Any]:
+def _frame_files(folder: Path) -> list[Path]:
+    """`tasks.media.frame_files` from one directory read (no stat per file): the same files, the same order."""
+    with os.scandir(folder) as it:
+        names = sorted(e.name for e in it if e.is_file() and os.path.splitext(e.name)[1].lower() in FRAME_EXTENSIONS)
+    return [folder / n for n in names]
+
+
+def _video_entry(path: Path, source: str, label: str | None, *, annotations: Path | None = None, split: str | None = None,
+                 hashing: Hashing = PLAIN) -> dict[str, Any]:
     if path.is_dir():
-        info = probe_frame_folder(path)
-        content = hash_files((f.name, f) for f in frame_files(path))
         kind = "frames"
+        content = lambda: hashing.files((f.name, f) for f in _frame_files(path))  # noqa: E731
+        probe = probe_frame_folder
     else:
-        info = probe_video_file(path)
-        content = hash_file(path)
         kind = "video_file"
+        content = lambda: hashing.file(path)  # noqa: E731
+        probe = probe_video_file
+    digest, probed = hashing.probed(path, kind, content)
+    if probed is None:
+        info = probe(path)
+        digest = digest or content()
+        probed = dict(num_frames=info.num_frames, fps=info.fps, width=info.width, height=info.height,
+                      duration_s=info.duration_s, format=info.format)
     ann_hash = None
     if annotations is not None:
-        ann_hash = hash_files((f.name, f) for f in frame_files(annotations))
+        ann_hash = hashing.files((f.name, f) for f in _frame_files(annotations))
     return _entry(
         media="video", kind=kind, source=source, name=path.name, path=str(path), label=label,
-        content_hash=content, annotations_path=str(annotations) if annotations else None,
-        annotations_hash=ann_hash, num_frames=info.num_frames, fps=info.fps, width=info.width,
-        height=info.height, duration_s=info.duration_s, format=info.format, split=split,
+        content_hash=digest, annotations_path=str(annotations) if annotations else None,
+        annotations_hash=ann_hash, split=split, **probed,
     )
 
 
-def _audio_entry(path: Path, source: str, label: str | None, meta: dict | None = None) -> dict[str, Any]:
-    info = probe_audio(path)
+def _audio_entry(path: Path, source: str, label: str | None, meta: dict | None = None, hashing: Hashing = PLAIN) -> dict[str, Any]:
+    digest, probed = hashing.probed(path, "audio_file", lambda: hashing.file(path))
+    if probed is not None:
+        probed["num_frames"] = None
+    else:
+        info = probe_audio(path)
+        digest = digest or hashing.file(path)
+        probed = dict(num_frames=None, duration_s=info.duration_s, sample_rate=info.sample_rate,
+                      channels=info.channels, format=info.format)
     return _entry(
         media="audio", kind="audio_file", source=source, name=path.name, path=str(path), label=label,
-        content_hash=hash_file(path), num_frames=None, duration_s=info.duration_s,
-        sample_rate=info.sample_rate, channels=info.channels, format=info.format, meta=meta,
+        content_hash=digest, meta=meta, **probed,
     )
 
 
@@ -144,7 +206,8 @@ def _label_from_name(name: str) -> str:
     return " ".join(Path(name).stem.replace("_", " ").replace("-", " ").split())
 
 
-def scan_davis(root: str | Path, split: str | None = None, sequences: Iterable[str] | None = None, progress: Progress = None) -> Catalog:
+def scan_davis(root: str | Path, split: str | None = None, sequences: Iterable[str] | None = None, progress: Progress = None,
+               hashing: Hashing = PLAIN) -> Catalog:
     root = Path(root)
     cat = Catalog()
     frames_root = root / "JPEGImages" / "480p"
@@ -171,7 +234,8 @@ def scan_davis(root: str | Path, split: str | None = None, sequences: Iterable[s
         ann = root / "Annotations" / "480p" / seq.name
         ann = ann if ann.is_dir() else None
         try:
-            e = _video_entry(seq, "davis", _label_from_name(seq.name), annotations=ann, split=splits.get(seq.name))
+            e = _video_entry(seq, "davis", _label_from_name(seq.name), annotations=ann, split=splits.get(seq.name),
+                             hashing=hashing)
         except MediaError as err:
             cat.issues.append(CatalogIssue(seq.name, err.path, err.problem))
             continue
@@ -189,7 +253,7 @@ def scan_davis(root: str | Path, split: str | None = None, sequences: Iterable[s
     return cat
 
 
-def scan_esc50(root: str | Path, progress: Progress = None) -> Catalog:
+def scan_esc50(root: str | Path, progress: Progress = None, hashing: Hashing = PLAIN) -> Catalog:
     root = Path(root)
     cat = Catalog()
     meta, audio_dir = root / "meta" / "esc50.csv", root / "audio"
@@ -226,7 +290,7 @@ def scan_esc50(root: str | Path, progress: Progress = None) -> Catalog:
             "take": row.get("take"),
         }
         try:
-            cat.entries.append(_audio_entry(path, "esc50", category.replace("_", " ") or None, meta_fields))
+            cat.entries.append(_audio_entry(path, "esc50", category.replace("_", " ") or None, meta_fields, hashing))
         except MediaError as err:
             cat.issues.append(CatalogIssue(fname, err.path, err.problem))
     for p in sorted(audio_dir.iterdir()):
@@ -242,7 +306,7 @@ def _int_or_none(v: Any) -> int | None:
         return None
 
 
-def scan_folder(root: str | Path, media: str, progress: Progress = None) -> Catalog:
+def scan_folder(root: str | Path, media: str, progress: Progress = None, hashing: Hashing = PLAIN) -> Catalog:
     """Plain folder: video files and frame folders (media='video'), or audio files (media='audio')."""
     root = Path(root)
     cat = Catalog()
@@ -257,16 +321,16 @@ def scan_folder(root: str | Path, media: str, progress: Progress = None) -> Cata
                 if p.is_dir() and any(f.suffix.lower() in FRAME_EXTENSIONS for f in p.iterdir()):
                     if progress:
                         progress(p.name)
-                    cat.entries.append(_video_entry(p, "folder", _label_from_name(p.name)))
+                    cat.entries.append(_video_entry(p, "folder", _label_from_name(p.name), hashing=hashing))
                 elif p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS:
                     if progress:
                         progress(p.name)
-                    cat.entries.append(_video_entry(p, "folder", _label_from_name(p.name)))
+                    cat.entries.append(_video_entry(p, "folder", _label_from_name(p.name), hashing=hashing))
             elif media == "audio":
                 if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS:
                     if progress:
                         progress(p.name)
-                    cat.entries.append(_audio_entry(p, "folder", _label_from_name(p.name)))
+                    cat.entries.append(_audio_entry(p, "folder", _label_from_name(p.name), hashing=hashing))
             else:
                 raise ValueError(f"media must be 'video' or 'audio', not {media!r}")
         except MediaError as err:
@@ -289,21 +353,28 @@ def assign_ids(cat: Catalog) -> Catalog:
     return cat
 
 
-def scan_source(kind: str, root: str | Path, media: str, split: str | None = None, include: Iterable[str] | None = None, progress: Progress = None) -> Catalog:
+def scan_source(kind: str, root: str | Path, media: str, split: str | None = None, include: Iterable[str] | None = None,
+                progress: Progress = None, hashing: Hashing = PLAIN) -> Catalog:
     if kind == "davis":
-        return scan_davis(root, split=split, sequences=include, progress=progress)
+        return scan_davis(root, split=split, sequences=include, progress=progress, hashing=hashing)
     if kind == "esc50":
-        return scan_esc50(root, progress=progress)
+        return scan_esc50(root, progress=progress, hashing=hashing)
     if kind == "folder":
-        return scan_folder(root, media, progress=progress)
+        return scan_folder(root, media, progress=progress, hashing=hashing)
     raise ValueError(f"unknown catalog source kind {kind!r} (expected davis, esc50 or folder)")
 
 
-def build_catalog(sources: Iterable[dict[str, Any]], progress: Progress = None) -> Catalog:
-    """sources: dicts with kind, root, media and optional split/include."""
+def build_catalog(sources: Iterable[dict[str, Any]], progress: Progress = None, hashes=None,
+                  previous: Catalog | None = None) -> Catalog:
+    """sources: dicts with kind, root, media and optional split/include.
+
+    hashes: a `storage.state.HashState` to take content hashes from (default: read every
+    file); previous: an earlier catalog whose probed facts are reused for unchanged items.
+    """
+    hashing = Hashing(hashes, previous)
     cat = Catalog()
     for s in sources:
-        cat.extend(scan_source(s["kind"], s["root"], s["media"], s.get("split"), s.get("include"), progress))
+        cat.extend(scan_source(s["kind"], s["root"], s["media"], s.get("split"), s.get("include"), progress, hashing))
     return assign_ids(cat)
 
 
@@ -337,15 +408,46 @@ def catalog_sources(cfg) -> list[dict[str, Any]]:
     return out
 
 
-def update_catalog(cfg, progress: Progress = None) -> Catalog:
-    """Scan the configured sources, write the catalog, record it in the ledger."""
-    started = time.time()
-    cat = build_catalog(catalog_sources(cfg), progress=progress)
-    path = write_catalog(cat, cfg.catalog_path)
-    key = StageKey.build(
+def previous_catalog(cfg) -> Catalog | None:
+    """The catalog the last run wrote, or None (absent or unreadable: everything is probed again)."""
+    try:
+        return read_catalog(cfg.catalog_path) if cfg.catalog_path.exists() else None
+    except Exception:
+        return None
+
+
+def scan_catalog(cfg, progress: Progress = None, previous: Catalog | None = None) -> Catalog:
+    """The configured sources scanned now, hashing through the workdir's state (saved after the scan)."""
+    from storage.state import open_state
+
+    state = open_state(cfg.workdir)
+    cat = build_catalog(catalog_sources(cfg), progress=progress, hashes=state,
+                        previous=previous if previous is not None else previous_catalog(cfg))
+    state.save()
+    return cat
+
+
+def catalog_key(cfg, cat: Catalog) -> StageKey:
+    return StageKey.build(
         "catalog", CATALOG_CODE_VERSION, {"sources": catalog_sources(cfg)},
         inputs={f"{e['media']}/{e['id']}": e["content_hash"] for e in cat.entries},
     )
+
+
+def same_catalog(a: Catalog, b: Catalog | None) -> bool:
+    """Whether writing `a` would change nothing on disk where `b` is (entries and issues)."""
+    return b is not None and a.table().equals(b.table()) and a.issues == b.issues
+
+
+def update_catalog(cfg, progress: Progress = None) -> Catalog:
+    """Scan the configured sources, write the catalog, record it in the ledger."""
+    from storage.ledger import Ledger
+
+    started = time.time()
+    old = previous_catalog(cfg)
+    cat = scan_catalog(cfg, progress=progress, previous=old)
+    path = cfg.catalog_path if same_catalog(cat, old) else write_catalog(cat, cfg.catalog_path)
+    key = catalog_key(cfg, cat)
     ledger = Ledger(cfg.ledger_url, cfg.storage.storage_options)
     previous = ledger.latest("catalog").get("catalog")
     if previous is not None and previous["key"] == key.key:
@@ -360,10 +462,16 @@ def update_catalog(cfg, progress: Progress = None) -> Catalog:
 @task(name="catalog")
 def catalog_task(cfg) -> dict[str, Any]:
     """Prefect task: build the catalog and return a small summary (never the data)."""
+    from prefect import get_run_logger
+
     logger = get_run_logger()
     cat = update_catalog(cfg)
     for issue in cat.issues:
         (logger.warning if issue.severity == "warning" else logger.error)(str(issue))
+    return catalog_summary(cfg, cat)
+
+
+def catalog_summary(cfg, cat: Catalog) -> dict[str, Any]:
     return {
         "path": str(cfg.catalog_path),
         "videos": sum(e["media"] == "video" for e in cat.entries),

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
-
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
 from tasks import frames as frames_stage
 from tasks.stage import BatchResult, WorkItem
-from tasks.stage_task import StageCachePolicy, run_logged_batch
+from tasks.stage_task import StageCachePolicy, run_logged_batch, task
 from tasks.video import (
     Lazy,
     catalog_videos,

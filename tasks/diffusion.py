@@ -19,9 +19,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
+from tasks.stage_lazy import torch  # imported on first use: planning needs no torch
 
 from storage.hashing import canonical_json
+from storage.state import memo
 from tasks.config import ConfigError
 from tasks.video import model_identity
 
@@ -47,16 +48,20 @@ def unet_config(cfg, name: str | None, training: bool = False) -> dict[str, Any]
     n_mels follows the audio stage, the new parts' init seed models.seed. With
     `training`, the edit-only switches keep their defaults (they do not change training).
     """
-    from models.unet3d import UNet3DConfig
-
     overrides = {} if name is None else variant_overrides(cfg, name)
     if training:
         overrides = {k: v for k, v in overrides.items() if k not in EDIT_ONLY_SWITCHES}
+    d = {"n_mels": cfg.stages.audio.n_mels, "seed": cfg.models.seed, **overrides}
+
+    def build():
+        from models.unet3d import UNet3DConfig
+
+        return UNet3DConfig.from_dict(d).to_dict()
+
     try:
-        conf = UNet3DConfig.from_dict({"n_mels": cfg.stages.audio.n_mels, "seed": cfg.models.seed, **overrides})
+        return memo("models.unet3d.UNet3DConfig", d, build)  # planning needs no torch
     except (TypeError, ValueError) as e:
         raise ConfigError(f"variants.{name}: {e}") from None
-    return conf.to_dict()
 
 
 def selected_variants(cfg) -> list[str]:
@@ -89,10 +94,13 @@ def controlnet_identity(cfg) -> dict[str, Any]:
 
 def scheduler_identity(cfg) -> dict[str, Any]:
     """The tiny preset's scheduler settings; for a base folder its fingerprint already covers scheduler/."""
-    from models.ddim import config_for_key
-
     if cfg.models.preset == "tiny":
-        return config_for_key(load_scheduler_config(cfg))
+        def build():
+            from models.ddim import config_for_key
+
+            return config_for_key(load_scheduler_config(cfg))
+
+        return memo("models.ddim.config_for_key/tiny", None, build)  # planning needs no torch
     return {"from": "base/scheduler"}
 
 

@@ -36,9 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from prefect import task
+from tasks.stage_lazy import F, torch  # imported on first use: planning needs no torch
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
@@ -50,7 +48,7 @@ from tasks import finetune as finetune_stage
 from tasks import inversion as inversion_stage
 from tasks import masks as masks_stage
 from tasks.stage import BatchResult, WorkItem
-from tasks.stage_task import StageCachePolicy, run_logged_batch
+from tasks.stage_task import StageCachePolicy, run_logged_batch, task
 from tasks.video import VideoItemError, run_video_items
 
 STAGE = "edit"

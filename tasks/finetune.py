@@ -43,9 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from prefect import task
+from tasks.stage_lazy import F, torch  # imported on first use: planning needs no torch
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
@@ -55,7 +53,7 @@ from tasks import audio as audio_stage
 from tasks import diffusion
 from tasks import latents as latents_stage
 from tasks.stage import BatchResult, WorkItem
-from tasks.stage_task import StageCachePolicy, run_logged_batch
+from tasks.stage_task import StageCachePolicy, run_logged_batch, task
 from tasks.video import VideoItemError, run_video_items
 
 STAGE = "finetune"

@@ -16,7 +16,8 @@ def _ids(catalog: Catalog, media: str) -> list[str]:
 
 
 def _known(ids: list[str], catalog_ids: list[str], what: str) -> list[str]:
-    missing = [i for i in ids if i not in set(catalog_ids)]
+    known = set(catalog_ids)
+    missing = [i for i in ids if i not in known]
     if missing:
         raise ConfigError(f"grid: {what} not in the catalog: {', '.join(missing)}")
     return ids
@@ -53,14 +54,16 @@ def select_pairs(cfg: Config, catalog: Catalog) -> list[tuple[str, str]]:
 
 
 def source_audio(cfg: Config, catalog: Catalog, video_id: str) -> str:
-    """The clip a video is fine-tuned with: the mapping, else the default, else the first clip."""
-    clip_ids = _ids(catalog, "audio")
+    """The clip a video is fine-tuned with: the mapping, else the default, else the first clip.
+
+    Called per edit when planning metrics: the first clip is found without listing every clip."""
     chosen = cfg.grid.source_audio.get(video_id) or cfg.grid.default_source_audio
     if chosen is None:
-        if not clip_ids:
+        first = next((e["id"] for e in catalog.entries if e["media"] == "audio"), None)
+        if first is None:
             raise ConfigError("grid: no audio clips in the catalog to fine-tune with")
-        return clip_ids[0]
-    _known([chosen], clip_ids, f"source audio for video {video_id!r}")
+        return first
+    _known([chosen], _ids(catalog, "audio"), f"source audio for video {video_id!r}")
     return chosen
 
 

@@ -24,15 +24,14 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
-from prefect import task
+from tasks.stage_lazy import torch  # imported on first use: planning needs no torch
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
 from tasks import diffusion
 from tasks import latents as latents_stage
 from tasks.stage import BatchResult, WorkItem
-from tasks.stage_task import StageCachePolicy, run_logged_batch
+from tasks.stage_task import StageCachePolicy, run_logged_batch, task
 from tasks.video import Lazy, run_video_items
 
 STAGE = "inversion"

@@ -20,13 +20,13 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-from prefect import task
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
+from storage.state import memo
 from tasks import frames as frames_stage
 from tasks.stage import BatchResult, WorkItem
-from tasks.stage_task import StageCachePolicy, run_logged_batch
+from tasks.stage_task import StageCachePolicy, run_logged_batch, task
 from tasks.video import (
     Lazy,
     VideoItemError,
@@ -49,19 +49,27 @@ def artifact_path(video_id: str) -> str:
 
 
 def _caption(entry: dict[str, Any]) -> str | None:
-    from models.grounded_sam import normalize_caption
+    def build():
+        from models.grounded_sam import normalize_caption
 
-    try:
-        return normalize_caption(entry.get("label") or "")
-    except ValueError:
-        return None  # the item fails at run time, naming the video
+        try:
+            return normalize_caption(entry.get("label") or "")
+        except ValueError:
+            return None  # the item fails at run time, naming the video
+
+    return memo("models.grounded_sam.normalize_caption", entry.get("label") or "", build)
 
 
 def xmem_memory_config(cfg) -> dict[str, Any]:
     """The full memory settings XMem will use (defaults filled in), for the cache key."""
-    from models.xmem import MemoryConfig
+    options, n = dict(cfg.stages.video.xmem), cfg.stages.video.num_frames
 
-    return dataclasses.asdict(MemoryConfig.from_kwargs(dict(cfg.stages.video.xmem), num_frames=cfg.stages.video.num_frames))
+    def build():
+        from models.xmem import MemoryConfig
+
+        return dataclasses.asdict(MemoryConfig.from_kwargs(options, num_frames=n))
+
+    return memo("models.xmem.MemoryConfig", {"options": options, "num_frames": n}, build)
 
 
 def params(cfg, entry: dict[str, Any]) -> dict[str, Any]:

@@ -47,13 +47,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
 from storage.files import atomic_path
 from tasks.stage import BatchResult, WorkItem
-from tasks.stage_task import StageCachePolicy, open_store_and_ledger, run_logged_batch
+from tasks.stage_task import StageCachePolicy, open_store_and_ledger, run_logged_batch, task
 from tasks.video import Lazy, VideoItemError, model_identity, run_video_items
 
 # ----------------------------------------------------------------------------- SSIM

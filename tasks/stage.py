@@ -16,11 +16,14 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from storage import ArtifactStore, Ledger, StageKey
-from storage.artifacts import ArtifactWriter
-from storage.claims import Claims
+from storage.keys import StageKey
+
+if TYPE_CHECKING:  # annotations only: planning imports neither zarr nor the claims machinery
+    from storage import ArtifactStore, Ledger
+    from storage.artifacts import ArtifactWriter
+    from storage.claims import Claims
 
 log = logging.getLogger("audioscenic")
 
@@ -98,7 +101,7 @@ class BatchResult:
         return self
 
 
-Compute = Callable[[WorkItem, ArtifactWriter], None]
+Compute = Callable[[WorkItem, "ArtifactWriter"], None]
 
 
 def _row(item: WorkItem, store: ArtifactStore, status: str, started: float, run_id: str | None, error: str | None = None) -> dict[str, Any]:

@@ -2,19 +2,59 @@
 
 Stage modules keep their plain functions free of this; their thin `stage_task`
 uses it. Results returned to Prefect are ids only; the data lives in Zarr.
+
+Importing a stage module must not import Prefect (planning and `status` run without
+it, DESIGN 4): `task` here is a deferred `prefect.task` whose Prefect task is built on
+first use (a call, `.submit`, any attribute), and `StageCachePolicy` becomes a Prefect
+`CachePolicy` only then.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import functools
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from prefect.cache_policies import CachePolicy
-
-from storage import ArtifactStore, Ledger
-from storage.claims import Claims
 from storage.hashing import hash_params
 from tasks.stage import BatchResult, WorkItem
+
+
+class DeferredTask:
+    """A Prefect task built on first use: `prefect.task(**options)(fn)`, with deferred cache policies made real."""
+
+    def __init__(self, fn: Callable, options: dict[str, Any]):
+        self.__dict__.update(_fn=fn, _options=options, _task=None, _lock=threading.Lock())
+        functools.update_wrapper(self, fn)
+
+    def prefect_task(self):
+        if self._task is None:
+            with self._lock:
+                if self._task is None:
+                    from prefect import task as prefect_task
+
+                    opts = dict(self._options)
+                    if isinstance(opts.get("cache_policy"), StageCachePolicy):
+                        opts["cache_policy"] = opts["cache_policy"].prefect_policy()
+                    self.__dict__["_task"] = prefect_task(**opts)(self._fn)
+        return self._task
+
+    def __call__(self, *args, **kwargs):
+        return self.prefect_task()(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # submit, map, with_options, fn, name, ...
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.prefect_task(), name)
+
+    def __repr__(self) -> str:
+        return f"DeferredTask({self._fn.__module__}.{self._fn.__qualname__})"
+
+
+def task(fn: Callable | None = None, **options: Any):
+    """`prefect.task` with Prefect imported only when the task is first used (same arguments)."""
+    if fn is not None:
+        return DeferredTask(fn, options)
+    return lambda f: DeferredTask(f, options)
 
 
 def batch_summary(result: BatchResult) -> dict[str, Any]:
@@ -25,7 +65,10 @@ def batch_summary(result: BatchResult) -> dict[str, Any]:
     }
 
 
-def open_store_and_ledger(cfg) -> tuple[ArtifactStore, Ledger]:
+def open_store_and_ledger(cfg):
+    """(ArtifactStore, Ledger) of a config."""
+    from storage import ArtifactStore, Ledger
+
     opts = cfg.storage.storage_options
     return ArtifactStore(cfg.store_url, opts), Ledger(cfg.ledger_url, opts)
 
@@ -59,25 +102,32 @@ def run_logged_batch(stage: str, run_batch, cfg, items: Sequence[WorkItem]) -> d
     return batch_summary(result)
 
 
-def open_claims(cfg) -> Claims:
+def open_claims(cfg):
     """Work claims shared by every worker, so overlapping batches compute each artifact once."""
+    from storage.claims import Claims
+
     return Claims(cfg.claims_url, cfg.storage.storage_options)
 
 
 # ----------------------------------------------------------------------------- Prefect cache policy
 
 
-@dataclass
-class StageCachePolicy(CachePolicy):
+class StageCachePolicy:
     """Prefect cache key of a batch task = hash of its items' stage cache keys (DESIGN 4).
 
     The ledger stays the authority: the key is offered only when the ledger already
     records every item done under exactly that key, so a cached Prefect result can
     never stand in for work that failed, was never recorded, or was lost with a
     wiped ledger (the task then runs, and adopts what the store already holds).
+    Plain Python until a task is built: `prefect_policy()` is the Prefect CachePolicy.
     """
 
+    def prefect_policy(self):
+        return _prefect_policy_class()(rule=self)
+
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        from storage.ledger import Ledger
+
         items: Sequence[WorkItem] = inputs.get("items") or ()
         cfg = inputs.get("cfg")
         if not items or cfg is None:
@@ -93,3 +143,10 @@ class StageCachePolicy(CachePolicy):
             if row is None or row["status"] != "done" or row["key"] != it.key.key:
                 return None
         return hash_params({"stage_batch": sorted(f"{it.stage}/{it.item_id}/{it.key.key}" for it in items)})
+
+
+
+def _prefect_policy_class():
+    from tasks.stage_prefect import PrefectStageCachePolicy
+
+    return PrefectStageCachePolicy
