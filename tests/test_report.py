@@ -95,13 +95,11 @@ def test_one_table_row_per_variant_in_table_2_order(ablation):
     for r in table:
         own = [e["masked_ssim"] for e in per_edit if e["variant"] == r["variant"]]
         assert r["masked_ssim"] == pytest.approx(sum(own) / len(own))
-    # Different switches give different edits (no variant silently reuses another's). The
-    # unmasked Frequency Fuser differs from "full" only in the foreground and only as far as 4
-    # fine-tuning steps moved the fuser's gains from 1 (~1e-4): less than one uint8 level, so
-    # its masked SSIM equals full's and its stored edit latents are compared instead.
-    ssim = {r["variant"]: round(r["masked_ssim"], 9) for r in table}
-    distinct = [v for v in ssim if v != "unmasked_frequency_fuser"]
-    assert len({ssim[v] for v in distinct}) == len(distinct) == len(table) - 1
+    # Different switches give different edits (no variant silently reuses another's).
+    assert len({round(r["masked_ssim"], 9) for r in table}) == len(table)
+    # The unmasked Frequency Fuser shares full's fine-tuned model: its edits differ only because
+    # it sets its own edit-only switch on that model (they were identical when the edit stage
+    # built the model from the training config alone).
     from tasks import edit as edit_stage
     from tasks.catalog import read_catalog
     from tasks.stage_task import open_store_and_ledger
