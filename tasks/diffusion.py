@@ -64,6 +64,25 @@ def unet_config(cfg, name: str | None, training: bool = False) -> dict[str, Any]
         raise ConfigError(f"variants.{name}: {e}") from None
 
 
+def edit_switches(unet3d: dict[str, Any]) -> dict[str, Any]:
+    """The edit-only switches of a variant's UNet3DConfig dict (set on the shared fine-tuned model
+    by `apply_edit_switches` before that variant edits with it)."""
+    from models.unet3d import UNet3DConfig
+
+    defaults = UNet3DConfig().to_dict()
+    return {k: unet3d.get(k, defaults[k]) for k in EDIT_ONLY_SWITCHES}
+
+
+def apply_edit_switches(model, switches: dict[str, Any]):
+    """Set a variant's edit-only switches on a loaded U-Net (built from the training config,
+    which leaves them at their defaults); they are read at every forward. Returns the model."""
+    import dataclasses
+
+    if switches and any(getattr(model.config, k) != v for k, v in switches.items()):
+        model.config = dataclasses.replace(model.config, **switches)
+    return model
+
+
 def selected_variants(cfg) -> list[str]:
     names = list(cfg.stages.finetune.variants)
     for n in names:

@@ -11,7 +11,9 @@ clip's (E_a, M_a, F_a); classifier-free guidance against the zero audio conditio
 stages.edit.guidance_scale (1 = no guidance, one forward); the depth ControlNet's
 residuals per frame (stages.edit.controlnet_scale), computed once per step and
 shared by both rows; the SceneMasker mask (the "w/o SceneMasker" variant passes
-none). Optional, beyond the paper (stages.edit.foreground_blend, off by default):
+none). Variants that differ only in edit-only switches (tasks.diffusion.
+EDIT_ONLY_SWITCHES: scene_masker, fuser_scene_masked) edit with one fine-tuned model,
+on which each sets its own switches before its forwards. Optional, beyond the paper (stages.edit.foreground_blend, off by default):
 after every step the foreground latents are replaced by the inversion trajectory's
 latents of the same noise level, so the final foreground latents are the source's.
 The latent mask is the max over each 8x8 pixel block: any foreground pixel makes
@@ -125,6 +127,7 @@ def work_items(cfg, catalog) -> list[WorkItem]:
                     "inversion_artifact": inv_it.artifact, "inversion_key": inv_it.key.key,
                     "finetune_artifact": ft_it.artifact, "finetune_key": ft_it.key.key,
                     "training_unet3d": ft_it.payload["unet3d"], "use_mask": uses_mask(p["unet3d"]),
+                    "edit_switches": diffusion.edit_switches(p["unet3d"]),
                     "audio_artifact": aud[aid].artifact, "audio_key": aud[aid].key.key,
                     "masks_artifact": msk[vid].artifact, "masks_key": msk[vid].key.key,
                     "depth_artifact": dep[vid].artifact, "depth_key": dep[vid].key.key,
@@ -397,7 +400,8 @@ def _edit_group(cfg, session: EditSession, items: Sequence[WorkItem]) -> None:
 
     e = cfg.stages.edit
     first = items[0]
-    unet = session.unet(first)
+    # Variants sharing one fine-tuning share the loaded model; each sets its own edit-only switches.
+    unet = diffusion.apply_edit_switches(session.unet(first), first.payload["edit_switches"])
     v = session.video(first)
     ddim = DDIM(diffusion.load_scheduler_config(cfg), cfg.stages.inversion.steps)
     z_T = v["z_T"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import edit, finetune, inversion, metrics
+from tasks import diffusion, edit, finetune, inversion, metrics
 from tasks.stage_task import open_store_and_ledger
 from tests import diffusion_factory as fx
 from tests.diffusion_factory import one_thread  # noqa: F401  (autouse fixture)
@@ -201,6 +201,17 @@ def test_keys_ablations_and_metrics_see_the_edits(edited):
     for name, overrides in runs.items():
         v = fx.make_cfg(cfg.workdir, finetune={"variants": overrides["stages.finetune.variants"]})
         assert {e.variant for e in edit.work_items(v, catalog)} == {name}
+    # Edit-only switches: the unmasked Frequency Fuser edits with full's fine-tuned model and
+    # sets its own switch on it (tasks.diffusion.apply_edit_switches).
+    f, u = (edit.work_items(fx.make_cfg(cfg.workdir, finetune={"variants": [n]}), catalog)[0]
+            for n in ("full", "unmasked_frequency_fuser"))
+    assert u.payload["finetune_key"] == f.payload["finetune_key"] and u.key != f.key
+    assert f.payload["edit_switches"] == {"scene_masker": True, "fuser_scene_masked": True}
+    assert u.payload["edit_switches"] == {"scene_masker": True, "fuser_scene_masked": False}
+    from models.unet3d import preset
+
+    model = diffusion.apply_edit_switches(preset("tiny"), u.payload["edit_switches"])
+    assert model.config.fuser_scene_masked is False and model.config.frequency_fuser is True
     m = metrics.work_items(cfg, catalog)
     assert [x.payload["edit_key"] for x in m] == [i.key.key for i in items]
     assert all(x.payload["edit_array"] == "frames" for x in m)

@@ -84,7 +84,7 @@ def test_upstream_stages_run_once_across_variants(ablation):
 
 
 def test_one_table_row_per_variant_in_table_2_order(ablation):
-    _, first, _ = ablation
+    cfg, first, _ = ablation
     table = first.by_variant
     assert [r["variant_name"] for r in table] == [
         "w/o TASI", "w/o SceneMasker", "w/o Frequency Fuser", "Frequency Fuser unmasked",
@@ -97,6 +97,23 @@ def test_one_table_row_per_variant_in_table_2_order(ablation):
         assert r["masked_ssim"] == pytest.approx(sum(own) / len(own))
     # Different switches give different edits (no variant silently reuses another's).
     assert len({round(r["masked_ssim"], 9) for r in table}) == len(table)
+    # The unmasked Frequency Fuser shares full's fine-tuned model: its edits differ only because
+    # it sets its own edit-only switch on that model (they were identical when the edit stage
+    # built the model from the training config alone).
+    from tasks import edit as edit_stage
+    from tasks.catalog import read_catalog
+    from tasks.stage_task import open_store_and_ledger
+
+    catalog, store = read_catalog(cfg.catalog_path), open_store_and_ledger(cfg)[0]
+
+    def edit_latents(variant):
+        c = load_config(Path(cfg.workdir) / "demo.yaml", {"stages.finetune.variants": [variant]})
+        return {(i.video_id, i.audio_id): store.read(i.artifact, i.key.key)["latents"]
+                for i in edit_stage.work_items(c, catalog)}
+
+    full, unmasked = edit_latents("full"), edit_latents("unmasked_frequency_fuser")
+    assert set(full) == set(unmasked) and len(full) == EDITS // len(VARIANTS)
+    assert all(abs(full[k] - unmasked[k]).max() > 1e-6 for k in full)
     assert len(per_edit) == EDITS and all(r["temp_s"] == pytest.approx(r["clip_f"] * r["clip_t"]) for r in per_edit)
 
 
