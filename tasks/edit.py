@@ -86,6 +86,7 @@ def params(cfg, variant: str, fps: float) -> dict[str, Any]:
         "controlnet": {"scale": e.controlnet_scale, "model": diffusion.controlnet_identity(cfg)} if e.controlnet else None,
         "foreground_blend": e.foreground_blend, "fps": fps, "mp4": e.write_mp4, "precision": cfg.models.precision,
         "audio_track": "driving clip, trimmed or zero-padded to the video",
+        "temperature": cfg.stages.audio.temperature,
     }
 
 
@@ -371,7 +372,8 @@ def _clip_conditions(session: EditSession, items: Sequence[WorkItem], frames: in
     from models.unet3d import AudioCondition
 
     conds = [finetune_stage.audio_condition(session.store, it.payload["audio_artifact"], it.payload["audio_key"],
-                                            frames, session.device, it.video_id) for it in items]
+                                            frames, session.device, it.video_id,
+                                            temperature=session.cfg.stages.audio.temperature) for it in items]
     return AudioCondition(
         embedding=torch.cat([c.embedding for c in conds]), magnitude=torch.cat([c.magnitude for c in conds]),
         mel=torch.cat([c.mel for c in conds]),

@@ -116,6 +116,7 @@ def params(cfg, variant: str) -> dict[str, Any]:
         "settings": st, "unet3d": diffusion.unet_config(cfg, variant, training=True),
         "base": diffusion.base_identity(cfg), "scheduler": diffusion.scheduler_identity(cfg), "prompt": "",
         "optimizer": "AdamW", "loss": "mse(model output, scheduler target)",
+        "temperature": cfg.stages.audio.temperature,
     }
 
 
@@ -170,18 +171,21 @@ def weights_file(store: ArtifactStore, artifact: str, key: str, video_id: str | 
 # ----------------------------------------------------------------------------- training
 
 
-def audio_condition(store: ArtifactStore, artifact: str, key: str, num_frames: int, device, video_id=None):
-    """AudioCondition (batch 1) of a clip's stored features; M_a and F_a must have one row per frame."""
+def audio_condition(store: ArtifactStore, artifact: str, key: str, num_frames: int, device, video_id=None,
+                    edges=None, temperature: float = 0.25, fit: str = "pad"):
+    """AudioCondition (batch 1) for `num_frames` frames, derived from a clip's stored features:
+    chunk k = [edges[k], edges[k+1]) seconds of the clip (the sound under frame k), or the whole
+    clip in num_frames chunks when edges is None (tasks.audio.span_condition)."""
     from models.unet3d import AudioCondition
 
-    a = diffusion.read_required(store, artifact, key, ["embedding", "magnitude", "mel"], "audio", video_id)
-    if a["magnitude"].shape[0] != num_frames or a["mel"].shape[0] != num_frames:
-        raise VideoItemError(
-            video_id or "?", f"audio features {artifact} have {a['magnitude'].shape[0]} frames, the latents "
-            f"{num_frames}; stages.audio.num_frames must equal stages.video.num_frames"
-        )
-    t = {k: torch.from_numpy(np.asarray(v, np.float32))[None].to(device) for k, v in a.items()}
-    return AudioCondition(embedding=t["embedding"], magnitude=t["magnitude"], mel=t["mel"])
+    feats = audio_stage.read_features(store, artifact, key)
+    if feats is None:
+        diffusion.read_required(store, artifact, key, list(audio_stage.FEATURE_ARRAYS), "audio", video_id)
+        raise VideoItemError(video_id or "?", f"audio features {artifact} lack the envelope / Mel frames; "
+                             "recompute the audio stage")
+    c = audio_stage.span_condition(feats, num_frames, edges, temperature, fit)
+    return AudioCondition(embedding=c["embedding"][None].to(device), magnitude=c["magnitude"][None].to(device),
+                          mel=c["mel"][None].to(device))
 
 
 @dataclass
@@ -366,7 +370,8 @@ def compute(cfg, item: WorkItem, writer: ArtifactWriter, store: ArtifactStore, m
     model = models.fresh(p["unet3d"])
     dev = model.device
     z0 = diffusion.to_model_layout(lat["latents"]).to(dev, torch.float32)
-    audio = audio_condition(store, p["audio_artifact"], p["audio_key"], z0.shape[2], dev, item.video_id)
+    audio = audio_condition(store, p["audio_artifact"], p["audio_key"], z0.shape[2], dev, item.video_id,
+                            temperature=cfg.stages.audio.temperature)
     sched = diffusion.load_scheduler_config(cfg)
     ddim = DDIM(sched, 1)
     alphas = ddim.alphas_cumprod.to(dev)
