@@ -281,6 +281,7 @@ class ReportConfig(_Strict):
 
     dir: Path | None = None  # default <workdir>/report
     thumb: int = Field(96, ge=16, le=512)  # contact-sheet frame side in pixels
+    strip_frames: int = Field(8, ge=1, le=64)  # evenly spaced frames per contact-sheet row (not every frame)
     link_media: bool = True  # hard-link MP4s into the report when possible (else copy)
 
 

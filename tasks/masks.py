@@ -25,6 +25,7 @@ from prefect import task
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
 from tasks import frames as frames_stage
+from tasks import span
 from tasks.stage import BatchResult, WorkItem
 from tasks.stage_task import StageCachePolicy, run_logged_batch
 from tasks.video import (
@@ -57,11 +58,12 @@ def _caption(entry: dict[str, Any]) -> str | None:
         return None  # the item fails at run time, naming the video
 
 
-def xmem_memory_config(cfg) -> dict[str, Any]:
-    """The full memory settings XMem will use (defaults filled in), for the cache key."""
+def xmem_memory_config(cfg, entry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The full memory settings XMem will use over the video's frames (defaults filled in), for the cache key."""
     from models.xmem import MemoryConfig
 
-    return dataclasses.asdict(MemoryConfig.from_kwargs(dict(cfg.stages.video.xmem), num_frames=cfg.stages.video.num_frames))
+    n = span.video_frames(cfg, entry) if entry is not None else cfg.stages.video.num_frames
+    return dataclasses.asdict(MemoryConfig.from_kwargs(dict(cfg.stages.video.xmem), num_frames=n))
 
 
 def params(cfg, entry: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +76,7 @@ def params(cfg, entry: dict[str, Any]) -> dict[str, Any]:
         "box_threshold": v.box_threshold,
         "text_threshold": v.text_threshold,
         "mask_threshold": v.mask_threshold,
-        "xmem_memory": xmem_memory_config(cfg),
+        "xmem_memory": xmem_memory_config(cfg, entry),
         "models": {
             "grounding_dino": model_identity(cfg, "grounding_dino"),
             "sam": model_identity(cfg, "sam"),
