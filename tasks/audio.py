@@ -1,8 +1,11 @@
 """Audio features stage (DESIGN 1, "Audio preprocessing"): the plain functions.
 
 - `decode_audio`: any file soundfile or PyAV can read -> float32 (channels, samples).
-- `magnitude` (M_a): per-frame loudness weights, mean 1.
-- `mel_features` (F_a): log-Mel spectrogram pooled per video frame.
+- `magnitude` (M_a): per-frame loudness weights, mean 1, the whole waveform in N chunks.
+- `mel_features` (F_a): log-Mel spectrogram pooled per video frame, likewise.
+- `envelope`, `mel_frames`: what the stage stores per clip (100 Hz envelope, 10 ms log-Mel
+  frames), independent of any frame rate; `magnitude_from_envelope` and `mel_for_frames`
+  derive an edit's M_a and F_a from them for its own chunks (chunk k = the sound under frame k).
 - `embed_clips` (E_a): ImageBind audio embeddings for many clips, one model for all.
 
 Every problem with a clip is an `InvalidAudioError` (a ValueError) whose message
@@ -232,6 +235,23 @@ def frame_chunk_index(num_stft_frames: int, num_samples: int, num_frames: int, h
     return idx
 
 
+def _log_mel(waveform, sample_rate, n_mels: int, source, what: str) -> tuple[torch.Tensor, int]:
+    """(stft_frames, n_mels) log-Mel of the mono mix at 16 kHz, and the clip's sample count at 16 kHz."""
+    from models.imagebind_audio import resample
+
+    w = _check_waveform(waveform, source, what)
+    sr = _check_rate(sample_rate, source)
+    mono = w.to(torch.float32).mean(dim=0)
+    if sr != MEL_SAMPLE_RATE:
+        mono = resample(mono, sr, MEL_SAMPLE_RATE)
+    n = mono.shape[0]
+    if n <= MEL_N_FFT // 2:
+        # reflect padding needs more samples than half a window; zeros after the
+        # end only add frames past the clip, which are ignored by the callers
+        mono = torch.nn.functional.pad(mono, (0, MEL_N_FFT // 2 + 1 - n))
+    return torch.log(_mel_transform(int(n_mels))(mono) + MEL_LOG_EPS).T, int(n)
+
+
 def mel_features(
     waveform, sample_rate: int, num_frames: int, n_mels: int = 128, *, source: str | os.PathLike | None = None
 ) -> torch.Tensor:
@@ -244,22 +264,11 @@ def mel_features(
     frames whose centre falls in it. A chunk shorter than the hop may hold no
     centre: it takes the STFT frame nearest to its middle.
     """
-    from models.imagebind_audio import resample
-
-    w = _check_waveform(waveform, source, "mel_features")
-    sr = _check_rate(sample_rate, source)
     n_frames = int(num_frames)
     if n_frames < 1:
+        _check_waveform(waveform, source, "mel_features")
         raise InvalidAudioError(source, f"mel_features: num_frames must be >= 1, got {num_frames}")
-    mono = w.to(torch.float32).mean(dim=0)
-    if sr != MEL_SAMPLE_RATE:
-        mono = resample(mono, sr, MEL_SAMPLE_RATE)
-    n = mono.shape[0]
-    if n <= MEL_N_FFT // 2:
-        # reflect padding needs more samples than half a window; zeros after the
-        # end only add frames past the clip, which are ignored below
-        mono = torch.nn.functional.pad(mono, (0, MEL_N_FFT // 2 + 1 - n))
-    logmel = torch.log(_mel_transform(int(n_mels))(mono) + MEL_LOG_EPS).T  # (stft_frames, n_mels)
+    logmel, n = _log_mel(waveform, sample_rate, n_mels, source, "mel_features")
 
     owner = torch.from_numpy(frame_chunk_index(logmel.shape[0], n, n_frames))
     valid = owner >= 0
@@ -272,6 +281,197 @@ def mel_features(
         nearest = torch.round(middle / MEL_HOP).long().clamp(0, int(valid.sum()) - 1)
         out[empty] = logmel[nearest]
     return out
+
+
+# ---------------------------------------------------------------- stored features -> per-frame M_a, F_a
+#
+# The audio stage stores, per clip, features that do not depend on any video's frame
+# rate: a 100 Hz envelope (mean |amplitude| of the mono mix per 10 ms bin, at the
+# clip's own rate) and log-Mel frames at the 10 ms hop above. An edit (or a
+# fine-tuning run) splits the time axis into its own N chunks, chunk k = the sound
+# played under frame k, and derives M_a and F_a from those stored features.
+
+ENVELOPE_RATE = 100  # bins per second: a 10 ms envelope
+AUDIO_FITS = ("pad", "loop")  # past the clip's end: silence, or the clip again from its start
+
+
+def envelope(waveform, sample_rate: int, *, source: str | os.PathLike | None = None) -> np.ndarray:
+    """(ceil(n * 100 / sr),) float32: mean |amplitude| of the mono mix per 10 ms bin.
+
+    Bin j covers samples [floor(j * sr / 100), floor((j + 1) * sr / 100)) of the clip at
+    its own rate (the last bin may be shorter); time t seconds lies in bin floor(100 t).
+    """
+    w = _check_waveform(waveform, source, "envelope")
+    sr = _check_rate(sample_rate, source)
+    amp = w.to(torch.float64).mean(dim=0).abs()
+    n = amp.shape[0]
+    bins = -(-n * ENVELOPE_RATE // sr)  # ceil
+    bounds = torch.from_numpy(np.minimum((np.arange(bins + 1, dtype=np.int64) * sr) // ENVELOPE_RATE, n))
+    csum = torch.cat([amp.new_zeros(1), amp.cumsum(0)])
+    lengths = (bounds[1:] - bounds[:-1]).clamp(min=1)
+    return ((csum[bounds[1:]] - csum[bounds[:-1]]) / lengths).numpy().astype(np.float32)
+
+
+def mel_frames(waveform, sample_rate: int, n_mels: int = 128, *, source: str | os.PathLike | None = None
+               ) -> tuple[np.ndarray, float]:
+    """log-Mel frames (T, n_mels) float32 at the 10 ms hop, and the clip's duration at 16 kHz (seconds).
+
+    Exactly `mel_features`' spectrogram before pooling (mono, 16 kHz, n_fft 1024, hop 160,
+    centred frames); frame j is centred at j * 10 ms. Only frames centred inside the clip
+    are kept: T = ceil(n16 / 160) for n16 samples at 16 kHz.
+    """
+    logmel, n16 = _log_mel(waveform, sample_rate, n_mels, source, "mel_frames")
+    keep = -(-n16 // MEL_HOP)
+    return logmel[:keep].numpy().astype(np.float32), n16 / MEL_SAMPLE_RATE
+
+
+def frame_edges(num_frames: int, fps: float) -> np.ndarray:
+    """(N + 1,) chunk edges in seconds of a span played at `fps`: chunk k = [k / fps, (k + 1) / fps)."""
+    if int(num_frames) < 1 or not fps > 0:
+        raise ValueError(f"frame_edges: need num_frames >= 1 and fps > 0, got {num_frames}, {fps}")
+    return np.arange(int(num_frames) + 1, dtype=np.float64) / float(fps)
+
+
+def _fit_time(t: np.ndarray, duration: float, fit: str) -> tuple[np.ndarray, np.ndarray]:
+    """Times past the clip's end: (time in the clip, whether the sound is there) for pad / loop."""
+    if fit not in AUDIO_FITS:
+        raise ValueError(f"audio_fit must be one of {AUDIO_FITS}, got {fit!r}")
+    t = np.asarray(t, np.float64)
+    if fit == "loop" and duration > 0:
+        return np.mod(t, duration), np.ones(t.shape, bool)
+    return t, t < duration
+
+
+def _envelope_integral(env: np.ndarray, duration: float, t: np.ndarray, fit: str) -> np.ndarray:
+    """Integral of the piecewise-constant envelope (bin j on [j/100, (j+1)/100) within the clip) over [0, t)."""
+    env = np.asarray(env, np.float64)
+    rate = float(ENVELOPE_RATE)
+    # bin j lasts from j / rate to min((j + 1) / rate, duration)
+    starts = np.arange(len(env)) / rate
+    ends = np.minimum(starts + 1 / rate, duration)
+    cum = np.concatenate([[0.0], np.cumsum(env * np.maximum(ends - starts, 0.0))])
+    total = cum[-1]
+
+    def within(x):  # integral over [0, x) for 0 <= x <= duration
+        x = np.clip(x, 0.0, duration)
+        j = np.minimum((x * rate).astype(np.int64), len(env) - 1)
+        return cum[j] + env[j] * np.maximum(x - starts[j], 0.0)
+
+    t = np.asarray(t, np.float64)
+    if fit == "loop" and duration > 0:
+        periods = np.floor(t / duration)
+        return periods * total + within(t - periods * duration)
+    return within(np.minimum(t, duration))
+
+
+def chunk_means(env: np.ndarray, duration: float, edges: np.ndarray, fit: str = "pad") -> np.ndarray:
+    """Mean |amplitude| of each chunk [edges[k], edges[k+1]) from a stored envelope; silence past the
+    clip's end (pad) or the clip again (loop)."""
+    edges = np.asarray(edges, np.float64)
+    if fit not in AUDIO_FITS:
+        raise ValueError(f"audio_fit must be one of {AUDIO_FITS}, got {fit!r}")
+    if len(env) == 0 or duration <= 0:
+        return np.zeros(len(edges) - 1)
+    integral = _envelope_integral(env, duration, edges, fit)
+    widths = np.diff(edges)
+    means = np.diff(integral) / np.where(widths > 0, widths, 1.0)
+    # A chunk shorter than nothing (equal edges): the envelope value at that time.
+    zero = widths <= 0
+    if zero.any():
+        t, inside = _fit_time(edges[:-1][zero], duration, fit)
+        j = np.minimum((t * ENVELOPE_RATE).astype(np.int64), len(env) - 1)
+        means[zero] = np.where(inside, np.asarray(env, np.float64)[j], 0.0)
+    return means
+
+
+def weights_from_means(m, temperature: float) -> torch.Tensor:
+    """Eq. 4: m / max(m) (silence stays all zero), then N * softmax(m / tau); float32, mean 1, never NaN."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    m = torch.as_tensor(np.asarray(m, np.float64))
+    n = m.shape[0]
+    peak = m.max() if n else torch.tensor(0.0, dtype=torch.float64)
+    m = m / peak if peak > 0 else torch.zeros_like(m)
+    return (n * torch.softmax(m / float(temperature), dim=0)).to(torch.float32)
+
+
+def magnitude_from_envelope(env, duration: float, edges, temperature: float = 0.25, fit: str = "pad"
+                            ) -> torch.Tensor:
+    """M_a (N,) for the chunks [edges[k], edges[k+1]) seconds of a clip, from its stored envelope.
+
+    Agrees with `magnitude(waveform, sr, N)` when the chunks are the waveform's N equal
+    chunks and their edges fall on 10 ms bins (and closely otherwise: the envelope is taken
+    as constant within a bin). Past the clip's end: silence (pad) or the clip looped.
+    """
+    return weights_from_means(chunk_means(env, duration, edges, fit), temperature)
+
+
+def mel_for_frames(mel: np.ndarray, duration: float, edges, fit: str = "pad") -> torch.Tensor:
+    """F_a (N, n_mels) float32: per chunk [edges[k], edges[k+1]), the mean of the stored log-Mel
+    frames whose centre (j * 10 ms) falls in it; a chunk holding no centre takes the frame nearest
+    to its middle. `duration`: the clip's duration at 16 kHz (mel_frames' second value).
+
+    Past the clip's end: digital silence (log of the floor, pad) or the clip again (loop).
+    Equal to `mel_features(waveform, sr, N)` when edges = linspace(0, duration, N + 1).
+    """
+    mel = np.asarray(mel, np.float32)
+    edges = np.asarray(edges, np.float64)
+    n_chunks = len(edges) - 1
+    n_mels = mel.shape[1]
+    silence = np.float32(np.log(MEL_LOG_EPS))
+    if fit not in AUDIO_FITS:
+        raise ValueError(f"audio_fit must be one of {AUDIO_FITS}, got {fit!r}")
+    if n_chunks < 1:
+        return torch.zeros(0, n_mels)
+    hop_s = MEL_HOP / MEL_SAMPLE_RATE
+    n_valid = len(mel)
+    if n_valid == 0:
+        return torch.full((n_chunks, n_mels), float(silence))
+    # Virtual frames at j * hop over the whole span; each maps to a stored frame, or to silence.
+    # Centre times are compared in samples at 16 kHz (integers), as mel_features does.
+    total = int(np.ceil(edges[-1] / hop_s + 1e-9)) + 1
+    centres = np.arange(total, dtype=np.int64) * MEL_HOP  # samples at 16 kHz
+    edge_s = np.round(edges * MEL_SAMPLE_RATE * 1e6) / 1e6  # edges in (fractional) samples
+    owner = np.searchsorted(edge_s, centres, side="right") - 1
+    owner[(centres < edge_s[0]) | (centres >= edge_s[-1])] = -1
+    n16 = duration * MEL_SAMPLE_RATE
+    t_samples = centres.astype(np.float64)
+    if fit == "loop" and n16 > 0:
+        t_samples = np.mod(t_samples, n16)
+        inside = np.ones(total, bool)
+    else:
+        inside = t_samples < n16
+    src = np.clip(np.floor(t_samples / MEL_HOP + 0.5).astype(np.int64), 0, n_valid - 1)
+    rows = np.where(inside[:, None], mel[src], silence)
+    valid = owner >= 0
+    sums = np.zeros((n_chunks, n_mels), np.float64)
+    np.add.at(sums, owner[valid], rows[valid])
+    counts = np.bincount(owner[valid], minlength=n_chunks)
+    out = sums / np.maximum(counts, 1)[:, None]
+    for k in np.flatnonzero(counts == 0):
+        middle = 0.5 * (edges[k] + edges[k + 1]) * MEL_SAMPLE_RATE
+        t, ok = (np.mod(middle, n16), True) if fit == "loop" and n16 > 0 else (middle, middle < n16)
+        out[k] = mel[int(np.clip(np.round(t / MEL_HOP), 0, n_valid - 1))] if ok else silence
+    return torch.from_numpy(out.astype(np.float32))
+
+
+def span_condition(features: dict, num_frames: int, edges, temperature: float, fit: str = "pad"
+                   ) -> dict[str, torch.Tensor]:
+    """E_a (1024,), M_a (N,) and F_a (N, n_mels) of one clip for one span, from the audio stage's
+    stored features (`read_features`). edges: (N + 1,) chunk edges in seconds (chunk k = the sound
+    under frame k), or None for the whole clip in N equal chunks (span "frames", as `magnitude`
+    and `mel_features` split a waveform)."""
+    env_dur, mel_dur = float(features["duration_s"]), float(features["mel_duration_s"])
+    n = int(num_frames)
+    env_edges = np.linspace(0.0, env_dur, n + 1) if edges is None else edges
+    mel_edges = np.linspace(0.0, mel_dur, n + 1) if edges is None else edges
+    if len(env_edges) != n + 1:
+        raise ValueError(f"span_condition: {len(env_edges)} edges for {n} frames")
+    return {
+        "embedding": torch.from_numpy(np.asarray(features["embedding"], np.float32)),
+        "magnitude": magnitude_from_envelope(features["envelope"], env_dur, env_edges, temperature, fit),
+        "mel": mel_for_frames(features["mel"], mel_dur, mel_edges, fit),
+    }
 
 
 # ---------------------------------------------------------------- E_a: embeddings
@@ -315,6 +515,20 @@ def embed_clips(
 
 # ---------------------------------------------------------------- the stage
 
+FEATURE_ARRAYS = ("embedding", "envelope", "mel")
+
+
+def read_features(store, artifact: str, key: str, what: str = "audio") -> dict | None:
+    """The stored arrays and the durations of a complete audio artifact (None if not complete)."""
+    data = store.read(artifact, key, names=list(FEATURE_ARRAYS))
+    if data is None:
+        return None
+    attrs = store.attrs(artifact, key) or {}
+    if "duration_s" not in attrs or "envelope" not in data:
+        return None
+    return {**data, "duration_s": float(attrs["duration_s"]), "mel_duration_s": float(attrs["mel_duration_s"])}
+
+
 STAGE = "audio"
 
 
@@ -325,11 +539,19 @@ def model_identity(cfg) -> dict:
     return {"preset": cfg.models.preset, "imagebind": file_fingerprint(cfg.models.paths.imagebind)}
 
 
+def params(cfg) -> dict:
+    """What the stored features depend on. Not the temperature nor any frame count: M_a and F_a
+    are derived per edit (and per fine-tuning run) from these rate-independent features."""
+    sc = cfg.stages.audio
+    return {"n_mels": sc.n_mels, "model": model_identity(cfg),
+            "features": {"envelope_rate": ENVELOPE_RATE, "mel_hop": MEL_HOP, "mel_rate": MEL_SAMPLE_RATE,
+                         "mel_n_fft": MEL_N_FFT}}
+
+
 def work_items(cfg, catalog) -> list:
     """One item per catalogued clip; its key covers the clip's bytes, the parameters and the model."""
     sc = cfg.stages.audio
-    params = {"num_frames": cfg.num_frames, "temperature": sc.temperature, "n_mels": sc.n_mels,
-              "model": model_identity(cfg)}
+    p = params(cfg)
     from tasks.grid import selected_clips
 
     wanted = selected_clips(cfg, catalog)
@@ -337,7 +559,7 @@ def work_items(cfg, catalog) -> list:
     for e in catalog.entries:
         if e["media"] != "audio" or e["id"] not in wanted:
             continue
-        key = StageKey.build(STAGE, sc.code_version, params, inputs={"audio": e["content_hash"]})
+        key = StageKey.build(STAGE, sc.code_version, p, inputs={"audio": e["content_hash"]})
         items.append(WorkItem(stage=STAGE, item_id=e["id"], artifact=f"audio/{e['id']}", key=key,
                               audio_id=e["id"], payload={"path": e["path"], "label": e["label"]}))
     return items
@@ -354,7 +576,10 @@ def load_encoder(cfg) -> torch.nn.Module:
 
 
 def run_batch(cfg, items, store, ledger, progress=None, encoder: torch.nn.Module | None = None, claims=None):
-    """Compute E_a, M_a and F_a for each item into Zarr audio/{id}; the encoder is loaded once."""
+    """Store E_a, the 100 Hz envelope and the 10 ms log-Mel frames of each item into Zarr audio/{id}
+    (the encoder is loaded once). Arrays: "embedding" (1024,), "envelope" (ceil(100 d),),
+    "mel" (ceil(100 d16), n_mels); attributes duration_s (at the clip's rate) and mel_duration_s
+    (at 16 kHz). `read_features` + `span_condition` turn them into an edit's M_a and F_a."""
     sc = cfg.stages.audio
     encoder = encoder if encoder is not None else load_encoder(cfg)
 
@@ -362,10 +587,13 @@ def run_batch(cfg, items, store, ledger, progress=None, encoder: torch.nn.Module
         path = item.payload["path"]
         wav, sr = decode_audio(path)
         emb = embed_clips(encoder, [(wav, sr)], sources=[path])[0]
+        mel, mel_duration = mel_frames(wav, sr, sc.n_mels, source=path)
         writer.write("embedding", emb.numpy().astype(np.float32))
-        writer.write("magnitude", magnitude(wav, sr, cfg.num_frames, sc.temperature, source=path).numpy().astype(np.float32))
-        writer.write("mel", mel_features(wav, sr, cfg.num_frames, sc.n_mels, source=path).numpy().astype(np.float32))
+        writer.write("envelope", envelope(wav, sr, source=path))
+        writer.write("mel", mel)
         writer.set_attrs(sample_rate=int(sr), num_samples=int(wav.shape[-1]), channels=int(wav.shape[0]),
+                         duration_s=int(wav.shape[-1]) / int(sr), mel_duration_s=mel_duration,
+                         envelope_rate=ENVELOPE_RATE, mel_hop_s=MEL_HOP / MEL_SAMPLE_RATE,
                          label=item.payload.get("label"), source=str(path))
 
     return run_items(items, store, ledger, compute, progress=progress, claims=claims)

@@ -78,12 +78,23 @@ class ModelsConfig(_Strict):
 
 
 class AudioStageConfig(_Strict):
-    # N rows of magnitude/Mel, one per edited frame; unset = stages.video.num_frames (the usual case).
-    num_frames: int | None = Field(None, gt=0)
+    # M_a's softmax temperature (eq. 4). M_a and F_a are derived per edit from the stored
+    # per-clip features (one row per frame of the edit's span), so this enters the keys of
+    # fine-tuning and edits, not of the audio stage.
     temperature: float = Field(0.25, gt=0)
     n_mels: int = Field(128, gt=0)
     batch_size: int = Field(16, gt=0)
-    code_version: CodeVersion = "1"
+    code_version: CodeVersion = "2"  # 2: stores a 100 Hz envelope and 10 ms log-Mel frames, not N rows
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_num_frames(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "num_frames" in data:
+            raise ValueError(
+                "num_frames is no longer a setting: M_a and F_a have one row per frame of each edit's span "
+                "(stages.video.span, README 'What an edit covers'); remove stages.audio.num_frames"
+            )
+        return data
 
 
 class VideoStageConfig(_Strict):
@@ -95,8 +106,13 @@ class VideoStageConfig(_Strict):
         "num_prototypes", "max_long_term_elements", "enable_long_term",
     )
 
-    # Frames: num_frames frames at `stride` from `start`; too few -> the item fails, naming the counts.
-    # The audio features follow this count (stages.audio.num_frames may only repeat it).
+    # What an edit covers (tasks.span): "clip" (default) the first min(video, clip, max_seconds)
+    # seconds from `start`, every frame at the source rate / stride; "video" the whole video up to
+    # max_seconds (the sound padded or looped, stages.edit.audio_fit); "frames" exactly num_frames
+    # frames (the paper's 8-frame figures; M_a/F_a split the whole clip into them).
+    span: Literal["clip", "video", "frames"] = "clip"
+    max_seconds: float = Field(120.0, gt=0)  # cap on the preprocessed and edited span of any video
+    # span "frames": num_frames frames at `stride` from `start`; too few -> the item fails, naming the counts.
     num_frames: int = Field(8, gt=0)
     stride: int = Field(1, gt=0)
     start: int = Field(0, ge=0)
@@ -223,6 +239,8 @@ class EditStageConfig(_Strict):
     # the inversion trajectory's latents of the same noise level.
     foreground_blend: bool = False
     fps: float | None = Field(None, gt=0)  # MP4 rate; None = the source's fps / stages.video.stride
+    # span "video": past the clip's end the sound (M_a, F_a and the MP4's track) is silence or the clip again.
+    audio_fit: Literal["pad", "loop"] = "pad"
     write_mp4: bool = True
     clip_batch: int = Field(1, gt=0)  # clips denoised together (memory knob, not in the cache key)
     decode_chunk: int = Field(4, gt=0)  # frames per VAE decode (memory knob, not in the cache key)
@@ -291,6 +309,7 @@ class ReportConfig(_Strict):
 
     dir: Path | None = None  # default <workdir>/report
     thumb: int = Field(96, ge=16, le=512)  # contact-sheet frame side in pixels
+    strip_frames: int = Field(8, ge=1, le=64)  # evenly spaced frames per contact-sheet row (not every frame)
     link_media: bool = True  # hard-link MP4s into the report when possible (else copy)
 
 
@@ -327,14 +346,6 @@ class Config(_Strict):
             raise ValueError(f"variant names must be path segments (letters, digits, _ . -): {bad}")
         return value
 
-    @model_validator(mode="after")
-    def _frames_agree(self) -> Config:
-        # One magnitude / Mel row per edited frame: the two counts must be the same number.
-        a, v = self.stages.audio.num_frames, self.stages.video.num_frames
-        if a is not None and a != v:
-            raise ValueError(f"stages.audio.num_frames ({a}) must equal stages.video.num_frames ({v})")
-        return self
-
     # -- derived locations -------------------------------------------------
     @property
     def store_url(self) -> str:
@@ -343,11 +354,6 @@ class Config(_Strict):
     @property
     def ledger_url(self) -> str:
         return self.storage.ledger or str(self.workdir / "ledger")
-
-    @property
-    def num_frames(self) -> int:
-        """Frames per edited video: video frames, magnitude rows and Mel rows all have this many."""
-        return self.stages.video.num_frames
 
     @property
     def claims_url(self) -> str:

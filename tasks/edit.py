@@ -19,12 +19,20 @@ latents of the same noise level, so the final foreground latents are the source'
 The latent mask is the max over each 8x8 pixel block: any foreground pixel makes
 its latent foreground.
 
-Outputs: "frames" uint8 (F, R, R, 3) (decoded `decode_chunk` frames at a time) and
-"latents" float32 (F, C, R/8, R/8) in the Zarr group; an H.264 + AAC MP4 at
+The span (tasks.span, decided at planning): N frames at fps_out from stages.video.start;
+the edit uses the first N of the video's z_T, masks and depth (and trajectory), and the
+clip's M_a / F_a for exactly the sound under each frame (chunk k = [k/fps, (k+1)/fps),
+past the clip's end padded or looped for span "video"), derived from the audio stage's
+stored features. Edits of one video with different N are never denoised together.
+
+Outputs: "frames" uint8 (N, R, R, 3) (decoded `decode_chunk` frames at a time),
+"latents" float32 (N, C, R/8, R/8) and "magnitude" float32 (N,) (the M_a that drove each
+frame) in the Zarr group, whose attributes record the span (start frame and seconds,
+frames, fps, audio seconds, audio_fit); an H.264 + AAC MP4 at
 <workdir>/outputs/{variant}/{video}/{audio}.mp4 (written to a temporary name and
-renamed) at the source's fps / stride (or stages.edit.fps), whose sound is the
-driving clip trimmed or zero-padded to the video's duration.
-Cache key: the settings, the variant's U-Net config, the ControlNet's identity;
+renamed) with all N frames at fps_out (source fps / stride, or stages.edit.fps), whose
+sound is the clip from its start for N / fps_out seconds (padded or looped past its end).
+Cache key: the settings, the span, the variant's U-Net config, the ControlNet's identity;
 upstream the inversion, fine-tuning, clip features, masks and depth keys.
 """
 from __future__ import annotations
@@ -49,6 +57,7 @@ from tasks import diffusion
 from tasks import finetune as finetune_stage
 from tasks import inversion as inversion_stage
 from tasks import masks as masks_stage
+from tasks import span as span_mod
 from tasks.stage import BatchResult, WorkItem
 from tasks.stage_task import StageCachePolicy, run_logged_batch, task
 from tasks.video import VideoItemError, run_video_items
@@ -70,23 +79,21 @@ def mp4_path(cfg, video_id: str, audio_id: str, variant: str) -> Path:
 
 
 def output_fps(cfg, entry: dict[str, Any]) -> float:
-    if cfg.stages.edit.fps is not None:
-        return float(cfg.stages.edit.fps)
-    return float(entry.get("fps") or DEFAULT_FPS) / cfg.stages.video.stride
+    return span_mod.output_fps(cfg, entry)
 
 
 def uses_mask(unet3d: dict[str, Any]) -> bool:
     return bool(unet3d.get("scene_masker", True))
 
 
-def params(cfg, variant: str, fps: float) -> dict[str, Any]:
+def params(cfg, variant: str, span: span_mod.Span) -> dict[str, Any]:
     e = cfg.stages.edit
     return {
         "variant": variant, "unet3d": diffusion.unet_config(cfg, variant), "guidance_scale": e.guidance_scale,
         "controlnet": {"scale": e.controlnet_scale, "model": diffusion.controlnet_identity(cfg)} if e.controlnet else None,
-        "foreground_blend": e.foreground_blend, "fps": fps, "mp4": e.write_mp4, "precision": cfg.models.precision,
-        "windows": diffusion.windows(cfg),
-        "audio_track": "driving clip, trimmed or zero-padded to the video",
+        "foreground_blend": e.foreground_blend, "fps": span.fps, "mp4": e.write_mp4, "precision": cfg.models.precision,
+        "span": span.key_params(), "temperature": cfg.stages.audio.temperature, "windows": diffusion.windows(cfg),
+        "audio_track": "the clip from its start for the span's seconds, past its end padded or looped (audio_fit)",
     }
 
 
@@ -109,15 +116,21 @@ def work_items(cfg, catalog) -> list[WorkItem]:
         by_video.setdefault(vid, []).append(aid)
     items = []
     for vid, aids in by_video.items():
-        fps = output_fps(cfg, videos[vid])
+        spans = {}
+        for aid in aids:
+            try:
+                spans[aid] = span_mod.edit_span(cfg, videos[vid], clips.get(aid))
+            except span_mod.SpanError:
+                continue  # a video with no frames: the frames stage fails it, naming it
         for v in variants:
             inv_it, ft_it = inversion_stage.item_for(inv, cfg, vid, v), finetune_stage.item_for(ft, cfg, vid, v)
             if inv_it is None or ft_it is None or vid not in msk:
                 continue  # no source clip or latents for this video: those stages report it
-            p = params(cfg, v, fps)
             for aid in aids:
-                if aid not in aud:
+                if aid not in aud or aid not in spans:
                     continue
+                sp = spans[aid]
+                p = params(cfg, v, sp)
                 up = {"inversion": inv_it.key.key, "finetune": ft_it.key.key, "audio": aud[aid].key.key,
                       "masks": msk[vid].key.key}
                 if cfg.stages.edit.controlnet:
@@ -131,8 +144,8 @@ def work_items(cfg, catalog) -> list[WorkItem]:
                     "audio_artifact": aud[aid].artifact, "audio_key": aud[aid].key.key,
                     "masks_artifact": msk[vid].artifact, "masks_key": msk[vid].key.key,
                     "depth_artifact": dep[vid].artifact, "depth_key": dep[vid].key.key,
-                    "clip_path": clips[aid]["path"], "label": clips[aid].get("label"), "fps": fps,
-                    "mp4": str(mp4_path(cfg, vid, aid, v)), "array": ARRAY,
+                    "clip_path": clips[aid]["path"], "label": clips[aid].get("label"), "fps": sp.fps,
+                    "span": sp.key_params(), "mp4": str(mp4_path(cfg, vid, aid, v)), "array": ARRAY,
                 }
                 items.append(WorkItem(STAGE, f"{vid}/{aid}/{v}", artifact_path(vid, aid, v), key, video_id=vid,
                                       audio_id=aid, variant=v, payload=payload))
@@ -227,8 +240,9 @@ def decode_latents(frame_vae, latents: torch.Tensor, chunk: int = 4) -> np.ndarr
 # ----------------------------------------------------------------------------- MP4
 
 
-def fit_audio(wav: np.ndarray, sample_rate: int, seconds: float) -> tuple[np.ndarray, int]:
-    """(C, S) float -> (C', round(seconds * rate')) float32 at an AAC rate, trimmed or zero-padded.
+def fit_audio(wav: np.ndarray, sample_rate: int, seconds: float, fit: str = "pad") -> tuple[np.ndarray, int]:
+    """(C, S) float -> (C', round(seconds * rate')) float32 at an AAC rate: the clip from its start,
+    trimmed, or past its end zero-padded ("pad") or repeated from its start ("loop").
 
     More than two channels are mixed to mono; a rate AAC lacks is resampled to 48 kHz.
     """
@@ -245,8 +259,12 @@ def fit_audio(wav: np.ndarray, sample_rate: int, seconds: float) -> tuple[np.nda
         rate = 48000
     n = round(seconds * rate)
     out = np.zeros((w.shape[0], n), np.float32)
-    k = min(n, w.shape[1])
-    out[:, :k] = w[:, :k]
+    if fit == "loop" and w.shape[1] > 0:
+        reps = -(-n // w.shape[1])
+        out[:] = np.tile(w, (1, reps))[:, :n]
+    else:
+        k = min(n, w.shape[1])
+        out[:, :k] = w[:, :k]
     return np.clip(out, -1.0, 1.0), rate
 
 
@@ -303,7 +321,7 @@ class EditSession:
         self._video_id: str | None = None
         self._video: dict[str, Any] = {}
         self._inv_key, self._inv = None, None
-        self.results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.queue: list[WorkItem] = []
 
     @property
@@ -377,11 +395,14 @@ class EditSession:
         return {**self._video, **self._inv}
 
 
-def _clip_conditions(session: EditSession, items: Sequence[WorkItem], frames: int):
+def _clip_conditions(session: EditSession, items: Sequence[WorkItem], sp: span_mod.Span):
+    """The clips' (E_a, M_a, F_a) for the span: chunk k is the sound under frame k."""
     from models.unet3d import AudioCondition
 
     conds = [finetune_stage.audio_condition(session.store, it.payload["audio_artifact"], it.payload["audio_key"],
-                                            frames, session.device, it.video_id) for it in items]
+                                            sp.frames, session.device, it.video_id, edges=span_mod.chunk_edges(sp),
+                                            temperature=session.cfg.stages.audio.temperature, fit=sp.audio_fit)
+             for it in items]
     return AudioCondition(
         embedding=torch.cat([c.embedding for c in conds]), magnitude=torch.cat([c.magnitude for c in conds]),
         mel=torch.cat([c.mel for c in conds]),
@@ -389,8 +410,9 @@ def _clip_conditions(session: EditSession, items: Sequence[WorkItem], frames: in
 
 
 def _same_group(a: WorkItem, b: WorkItem) -> bool:
-    return (a.payload["finetune_key"], a.payload["inversion_key"], a.variant) == (
-        b.payload["finetune_key"], b.payload["inversion_key"], b.variant)
+    """Clips denoised together: same model, same z_T and the same number of frames."""
+    return (a.payload["finetune_key"], a.payload["inversion_key"], a.variant, a.payload["span"]["frames"]) == (
+        b.payload["finetune_key"], b.payload["inversion_key"], b.variant, b.payload["span"]["frames"])
 
 
 @torch.no_grad()
@@ -404,25 +426,33 @@ def _edit_group(cfg, session: EditSession, items: Sequence[WorkItem]) -> None:
     unet = diffusion.apply_edit_switches(session.unet(first), first.payload["edit_switches"])
     v = session.video(first)
     ddim = DDIM(diffusion.load_scheduler_config(cfg), cfg.stages.inversion.steps)
-    z_T = v["z_T"]
-    audio = _clip_conditions(session, items, z_T.shape[2])
-    mask = v["masks"][None].float().to(session.device) if first.payload["use_mask"] else None
+    sp = span_mod.span_from_payload(first.payload["span"])
+    n = sp.frames
+    if v["z_T"].shape[2] < n:
+        raise VideoItemError(first.video_id, f"its inversion holds {v['z_T'].shape[2]} frames, the span needs {n} "
+                             f"({first.payload['inversion_artifact']})")
+    # The span is a prefix of the video's frames: z_T, masks, depth (and trajectory) sliced to N.
+    z_T = v["z_T"][:, :, :n]
+    audio = _clip_conditions(session, items, sp)
+    mask = v["masks"][None, :n].float().to(session.device) if first.payload["use_mask"] else None
+    control = v["control"][:, :, :n] if v.get("control") is not None else None
     blend = None
     if e.foreground_blend:
         if v["trajectory"] is None or v["trajectory"].shape[0] != ddim.steps + 1:
             raise VideoItemError(first.video_id, "foreground blending needs the inversion trajectory of "
                                  f"{ddim.steps} steps ({first.payload['inversion_artifact']})")
-        blend = (v["trajectory"], v["latent_mask"])
+        blend = (v["trajectory"][:, :, :, :n], v["latent_mask"][:, :, :n])
     with diffusion.inference_autocast(cfg):
         lat = edit_latents(
             unet, ddim, z_T, session.prompt(), audio, e.guidance_scale, mask=mask,
-            controlnet=session.controlnet() if e.controlnet else None, control=v.get("control"),
+            controlnet=session.controlnet() if e.controlnet else None, control=control,
             controlnet_scale=e.controlnet_scale, blend=blend, **diffusion.windows(cfg),
         ).float()
     for k, it in enumerate(items):
         stored = lat[k : k + 1]
         frames = decode_latents(session.vae(), stored[0].permute(1, 0, 2, 3), e.decode_chunk)
-        session.results[it.item_id] = (diffusion.to_stored_layout(stored), frames)
+        session.results[it.item_id] = (diffusion.to_stored_layout(stored), frames,
+                                       audio.magnitude[k].float().cpu().numpy())
 
 
 def compute(cfg, item: WorkItem, writer: ArtifactWriter, session: EditSession) -> None:
@@ -439,17 +469,23 @@ def compute(cfg, item: WorkItem, writer: ArtifactWriter, session: EditSession) -
             if it.item_id not in session.results and not session.store.is_complete(it.artifact, it.key.key):
                 group.append(it)
         _edit_group(cfg, session, group)
-    latents, frames = session.results.pop(item.item_id)
+    latents, frames, magnitude = session.results.pop(item.item_id)
     writer.write("frames", frames)
     writer.write("latents", latents.astype(np.float32))
+    writer.write("magnitude", magnitude.astype(np.float32))  # the M_a that drove each frame
     p = item.payload
+    sp = span_mod.span_from_payload(p["span"])
     attrs = {"fps": p["fps"], "variant": item.variant, "audio_id": item.audio_id, "label": p.get("label"),
              "guidance_scale": cfg.stages.edit.guidance_scale, "steps": cfg.stages.inversion.steps,
-             "foreground_blend": cfg.stages.edit.foreground_blend, "mp4": None}
+             "foreground_blend": cfg.stages.edit.foreground_blend, "mp4": None,
+             "span": sp.mode, "span_start_frame": sp.start, "span_start_seconds": sp.start_seconds,
+             "stride": sp.stride, "frames": int(frames.shape[0]), "audio_seconds": sp.audio_seconds,
+             "audio_start_seconds": 0.0, "audio_fit": sp.audio_fit,
+             "audio_chunks": "whole clip in N chunks" if sp.whole_clip else "chunk k = [k/fps, (k+1)/fps) of the clip"}
     if cfg.stages.edit.write_mp4:
         wav, sr = decode_audio(p["clip_path"])
         seconds = frames.shape[0] / p["fps"]
-        track, rate = fit_audio(wav.numpy(), sr, seconds)
+        track, rate = fit_audio(wav.numpy(), sr, seconds, sp.audio_fit)
         write_mp4(p["mp4"], frames, p["fps"], track, rate)
         attrs.update(mp4=p["mp4"], audio_seconds=seconds, audio_rate=rate)
     attrs["seconds"] = round(time.time() - started, 3)
@@ -460,7 +496,8 @@ def run_batch(cfg, items: list[WorkItem], store: ArtifactStore, ledger: Ledger, 
               session: EditSession | None = None) -> BatchResult:
     """Edit every item; items are taken video by video and model by model, so each loads once."""
     order = {v: i for i, v in enumerate(dict.fromkeys(it.video_id for it in items))}
-    items = sorted(items, key=lambda it: (order[it.video_id], it.payload["finetune_key"], it.payload["inversion_key"]))
+    items = sorted(items, key=lambda it: (order[it.video_id], it.payload["finetune_key"], it.payload["inversion_key"],
+                                          it.payload["span"]["frames"]))
     session = session if session is not None else EditSession(cfg, store)
     session.queue = list(items)
 

@@ -6,8 +6,9 @@ regression target (v for the v-prediction bases) with MSE, the source clip's
 (E_a, M_a, F_a) as the condition and the zero condition on a `condition_dropout`
 fraction (10%) of steps, so that classifier-free guidance has an unconditional
 model to push against. Trainable: DESIGN 1's set (models.unet3d.is_trainable_name).
-Decisions where the paper is silent: the whole clip (all F frames) is one training
-sample; t uniform over the training timesteps; no mask and no ControlNet while
+Decisions where the paper is silent: the span of (video, source clip) (tasks.span: a
+prefix of the video's latents, by the same rule as an edit; M_a / F_a of the sound under
+each of its frames) is one training sample; t uniform over the training timesteps; no mask and no ControlNet while
 fine-tuning (Fig. 2 brings depth and masks in at inference only), so variants that
 differ only in SceneMasker share one fine-tuned model (tasks.diffusion); gradient
 norm clipped at max_grad_norm (1.0, as Tune-A-Video).
@@ -52,6 +53,7 @@ from storage.hashing import hash_file
 from tasks import audio as audio_stage
 from tasks import diffusion
 from tasks import latents as latents_stage
+from tasks.span import Span, SpanError, chunk_edges, edit_span, span_from_payload
 from tasks.stage import BatchResult, WorkItem
 from tasks.stage_task import StageCachePolicy, run_logged_batch, task
 from tasks.video import VideoItemError, run_video_items
@@ -107,13 +109,15 @@ def settings(cfg, prediction_type: str) -> TrainSettings:
     )
 
 
-def params(cfg, variant: str) -> dict[str, Any]:
+def params(cfg, variant: str, span: Span | None = None) -> dict[str, Any]:
     # checkpoint_every only decides where a run can resume, not what it computes: not in the key.
     st = {k: v for k, v in settings(cfg, "").as_dict().items() if k not in ("checkpoint_every", "prediction_type")}
     return {
+        "span": span.key_params() if span is not None else None,
         "settings": st, "unet3d": diffusion.unet_config(cfg, variant, training=True),
         "base": diffusion.base_identity(cfg), "scheduler": diffusion.scheduler_identity(cfg), "prompt": "",
         "optimizer": "AdamW", "loss": "mse(model output, scheduler target)",
+        "temperature": cfg.stages.audio.temperature,
         # Each step trains on one window of the span; the overlap only shapes the reported losses.
         "window": cfg.stages.windows.window,
     }
@@ -126,19 +130,25 @@ def work_items(cfg, catalog) -> list[WorkItem]:
     variants = list(dict.fromkeys(diffusion.training_variant(cfg, v) for v in diffusion.selected_variants(cfg)))
     lat = {it.video_id: it for it in latents_stage.work_items(cfg, catalog)}
     aud = {it.audio_id: it for it in audio_stage.work_items(cfg, catalog)}
+    videos, clips = catalog.by_id("video"), catalog.by_id("audio")
     items = []
     for vid in selected_videos(cfg, catalog):
         src = source_audio(cfg, catalog, vid)
         if vid not in lat or src not in aud:
             continue
+        try:
+            sp = edit_span(cfg, videos[vid], clips.get(src))
+        except SpanError:
+            continue  # the frames stage fails this video, naming it
         for v in variants:
-            p = params(cfg, v)
+            p = params(cfg, v, sp)
             key = StageKey.build(STAGE, cfg.stages.finetune.code_version, p, upstream={"latents": lat[vid].key.key, "audio": aud[src].key.key})
             payload = {
                 "latents_artifact": lat[vid].artifact, "latents_key": lat[vid].key.key,
                 "audio_artifact": aud[src].artifact, "audio_key": aud[src].key.key,
                 "unet3d": p["unet3d"], "out_dir": str(output_dir(cfg, vid, src, v, key.key)),
                 "checkpoint": str(checkpoint_path(cfg, vid, src, v, key.key)),
+                "span": sp.key_params(),
             }
             items.append(WorkItem(STAGE, f"{vid}/{src}/{v}", artifact_path(vid, src, v), key, video_id=vid,
                                   audio_id=src, variant=v, payload=payload))
@@ -170,18 +180,30 @@ def weights_file(store: ArtifactStore, artifact: str, key: str, video_id: str | 
 # ----------------------------------------------------------------------------- training
 
 
-def audio_condition(store: ArtifactStore, artifact: str, key: str, num_frames: int, device, video_id=None):
-    """AudioCondition (batch 1) of a clip's stored features; M_a and F_a must have one row per frame."""
+def span_prefix(array, frames: int, what: str, video_id: str | None = None):
+    """The first `frames` frames of a video artifact's array: an edit (or fine-tuning run) uses a
+    prefix of the frames its video's preprocessing holds."""
+    if array.shape[0] < frames:
+        raise VideoItemError(video_id or "?", f"its {what} hold {array.shape[0]} frames, the span needs {frames}; "
+                             "rerun the video stages")
+    return array[:frames]
+
+
+def audio_condition(store: ArtifactStore, artifact: str, key: str, num_frames: int, device, video_id=None,
+                    edges=None, temperature: float = 0.25, fit: str = "pad"):
+    """AudioCondition (batch 1) for `num_frames` frames, derived from a clip's stored features:
+    chunk k = [edges[k], edges[k+1]) seconds of the clip (the sound under frame k), or the whole
+    clip in num_frames chunks when edges is None (tasks.audio.span_condition)."""
     from models.unet3d import AudioCondition
 
-    a = diffusion.read_required(store, artifact, key, ["embedding", "magnitude", "mel"], "audio", video_id)
-    if a["magnitude"].shape[0] != num_frames or a["mel"].shape[0] != num_frames:
-        raise VideoItemError(
-            video_id or "?", f"audio features {artifact} have {a['magnitude'].shape[0]} frames, the latents "
-            f"{num_frames}; stages.audio.num_frames must equal stages.video.num_frames"
-        )
-    t = {k: torch.from_numpy(np.asarray(v, np.float32))[None].to(device) for k, v in a.items()}
-    return AudioCondition(embedding=t["embedding"], magnitude=t["magnitude"], mel=t["mel"])
+    feats = audio_stage.read_features(store, artifact, key)
+    if feats is None:
+        diffusion.read_required(store, artifact, key, list(audio_stage.FEATURE_ARRAYS), "audio", video_id)
+        raise VideoItemError(video_id or "?", f"audio features {artifact} lack the envelope / Mel frames; "
+                             "recompute the audio stage")
+    c = audio_stage.span_condition(feats, num_frames, edges, temperature, fit)
+    return AudioCondition(embedding=c["embedding"][None].to(device), magnitude=c["magnitude"][None].to(device),
+                          mel=c["mel"][None].to(device))
 
 
 @dataclass
@@ -390,8 +412,11 @@ def compute(cfg, item: WorkItem, writer: ArtifactWriter, store: ArtifactStore, m
     lat = diffusion.read_required(store, p["latents_artifact"], p["latents_key"], ["latents"], "latents", item.video_id)
     model = models.fresh(p["unet3d"])
     dev = model.device
-    z0 = diffusion.to_model_layout(lat["latents"]).to(dev, torch.float32)
-    audio = audio_condition(store, p["audio_artifact"], p["audio_key"], z0.shape[2], dev, item.video_id)
+    sp = span_from_payload(p["span"])
+    latents = span_prefix(lat["latents"], sp.frames, "latents", item.video_id)
+    z0 = diffusion.to_model_layout(latents).to(dev, torch.float32)
+    audio = audio_condition(store, p["audio_artifact"], p["audio_key"], sp.frames, dev, item.video_id,
+                            edges=chunk_edges(sp), temperature=cfg.stages.audio.temperature, fit=sp.audio_fit)
     sched = diffusion.load_scheduler_config(cfg)
     ddim = DDIM(sched, 1)
     alphas = ddim.alphas_cumprod.to(dev)
@@ -407,7 +432,8 @@ def compute(cfg, item: WorkItem, writer: ArtifactWriter, store: ArtifactStore, m
         "key": item.key.key, "stage": STAGE, "code_version": item.key.code_version,
         "video_id": item.video_id, "source_audio_id": item.audio_id, "variant": item.variant,
         "trained_on": {"latents": {"artifact": p["latents_artifact"], "key": p["latents_key"],
-                                   "shape": list(lat["latents"].shape)},
+                                   "shape": list(latents.shape), "of": list(lat["latents"].shape)},
+                       "span": p["span"],
                        "audio": {"artifact": p["audio_artifact"], "key": p["audio_key"]}, "prompt": ""},
         "settings": s.as_dict(), "optimizer": "AdamW", "unet3d": p["unet3d"], "base": diffusion.base_identity(cfg),
         "scheduler": sched, "trainable_parameters": n_params, "device": str(dev),

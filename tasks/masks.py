@@ -25,6 +25,7 @@ from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
 from storage.state import memo
 from tasks import frames as frames_stage
+from tasks import span
 from tasks.stage import BatchResult, WorkItem
 from tasks.stage_task import StageCachePolicy, run_logged_batch, task
 from tasks.video import (
@@ -60,9 +61,10 @@ def _caption(entry: dict[str, Any]) -> str | None:
     return memo("models.grounded_sam.normalize_caption", entry.get("label") or "", build)
 
 
-def xmem_memory_config(cfg) -> dict[str, Any]:
-    """The full memory settings XMem will use (defaults filled in), for the cache key."""
-    options, n = dict(cfg.stages.video.xmem), cfg.stages.video.num_frames
+def xmem_memory_config(cfg, entry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The full memory settings XMem will use over the video's frames (defaults filled in), for the cache key."""
+    options = dict(cfg.stages.video.xmem)
+    n = span.video_frames(cfg, entry) if entry is not None else cfg.stages.video.num_frames
 
     def build():
         from models.xmem import MemoryConfig
@@ -82,7 +84,7 @@ def params(cfg, entry: dict[str, Any]) -> dict[str, Any]:
         "box_threshold": v.box_threshold,
         "text_threshold": v.text_threshold,
         "mask_threshold": v.mask_threshold,
-        "xmem_memory": xmem_memory_config(cfg),
+        "xmem_memory": xmem_memory_config(cfg, entry),
         "models": {
             "grounding_dino": model_identity(cfg, "grounding_dino"),
             "sam": model_identity(cfg, "sam"),

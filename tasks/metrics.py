@@ -21,7 +21,8 @@ Pure functions (public seams, DESIGN 7):
   of frames whose CLIP-T for the target text exceeds (strictly) that for the
   source text, None without a source text.
 
-The stage: one item per edit (`edits/{video}/{audio}/{variant}`), keyed on the
+The stage: one item per edit (`edits/{video}/{audio}/{variant}`), over every frame of
+the edit's span (the first N frames of its video's frames and masks), keyed on the
 edit's key and the source frames' and masks' keys (DESIGN 4). It writes
 `metrics/{video}/{audio}/{variant}` (per-frame arrays: clip_t, clip_t_source,
 ssim; the scores as attributes) and `write_metrics_table` gathers the current
@@ -408,8 +409,14 @@ def compute(cfg, item: WorkItem, writer: ArtifactWriter, store: ArtifactStore, s
     if not p["target_text"]:
         raise ValueError(f"clip '{item.audio_id}' has no class label; CLIP-T needs one")
     edited = as_uint8_frames(_read(store, item, "edit", p["edit_array"]))
+    # An edit covers a prefix of its video's frames (tasks.span): score every frame of that span.
+    n = len(edited)
     source = _read(store, item, "frames", "frames")
     mask = _read(store, item, "masks", "masks").astype(bool)
+    if len(source) < n or len(mask) < n:
+        raise VideoItemError(item.video_id, f"the edit has {n} frames, its video's frames / masks only "
+                             f"{len(source)} / {len(mask)}")
+    source, mask = source[:n], mask[:n]
     model = scorer.get()
     for t in (p["target_text"], p["source_text"]):
         if t is not None and t not in texts:

@@ -5,15 +5,19 @@ Layout of the folder (default <workdir>/report, config `report.dir`):
     index.html           the page
     manifest.json        what the page must show (images, videos, tables): the browser check reads it
     img/{video}/source.png, img/{video}/{audio}.{variant}.png   frame strips, one row of the contact sheet each
-    img/magnitude/{audio}.{F}.png                               M_a as bars under the strips (same pixel width)
+    img/{video}/{audio}.{variant}.ma.png                        the edit's M_a under its strip (same pixel width)
     media/{variant}/{video}/{audio}.mp4                         the edits' MP4s (hard links, else copies)
     tables/metrics.parquet, tables/by_variant.parquet           the tables shown
 
-Per video, a contact sheet: the source frames, then one row per edit labelled with
-the clip, its class, the variant and its scores; under each edit row the clip's
-magnitude curve, one bar per frame, centred under that frame's thumbnail. Then
-the MP4s in <video> tags, and at the top the tables: one row per method variant
-(the paper's Tables 1-2) and one row per edit.
+Per video, a contact sheet on one time axis, the longest edit span of the video
+(N_max frames): each strip shows `report.strip_frames` evenly spaced frames (thumbnail
+i is the frame at the middle of the i-th of equal time slots; slots past a shorter
+edit's span stay blank). The source frames, then one row per edit labelled with the
+clip, its class, the variant, its span and its scores; under each edit row the M_a
+that drove it (stored with the edit), one bar per frame at that frame's time, so a
+bar sits under the thumbnail of its time slot. Then the MP4s in <video> tags, and
+at the top the tables: one row per method variant (the paper's Tables 1-2) and one
+row per edit.
 
 The folder is built beside the target under a temporary name and swapped in, so
 an interrupted run never leaves half a report in place of the last good one.
@@ -84,15 +88,30 @@ def _url(rel: str) -> str:
 # ----------------------------------------------------------------------------- images
 
 
-def _thumbs(frames: np.ndarray, side: int) -> np.ndarray:
-    """(F, H, W, 3) uint8 -> one strip (side, F * w, 3): every frame scaled to height `side`."""
+def strip_indices(total: int, slots: int) -> list[int]:
+    """Frame shown in each of `slots` equal time slots of a `total`-frame axis: the one at the slot's middle."""
+    k = max(1, min(int(slots), int(total)))
+    return [min(total - 1, int((i + 0.5) * total / k)) for i in range(k)]
+
+
+def _thumbs(frames: np.ndarray, side: int, total: int | None = None, slots: int | None = None) -> np.ndarray:
+    """(F, H, W, 3) uint8 -> one strip (side, K * w, 3), each frame scaled to height `side`.
+
+    With `total` and `slots`: K evenly spaced frames on a `total`-frame time axis (strip_indices);
+    slots past the last frame (a span shorter than the axis) are left light grey. Without: every frame.
+    """
     from PIL import Image
 
+    n = len(frames)
+    picks = list(range(n)) if total is None else strip_indices(total, slots or total)
+    h0, w0 = frames.shape[1:3]
+    w = max(1, round(w0 * side / h0))
     out = []
-    for f in frames:
-        im = Image.fromarray(f)
-        w = max(1, round(im.width * side / im.height))
-        out.append(np.asarray(im.resize((w, side), Image.Resampling.BICUBIC)))
+    for i in picks:
+        if i < n:
+            out.append(np.asarray(Image.fromarray(frames[i]).resize((w, side), Image.Resampling.BICUBIC)))
+        else:
+            out.append(np.full((side, w, 3), 235, np.uint8))
     return np.concatenate(out, axis=1)
 
 
@@ -103,8 +122,11 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, optimize=True)
 
 
-def magnitude_png(magnitude: np.ndarray, width_px: int, path: Path, height_px: int = 56) -> None:
-    """M_a as one bar per frame over exactly `width_px` pixels: bar k sits under frame k's thumbnail."""
+def magnitude_png(magnitude: np.ndarray, width_px: int, path: Path, height_px: int = 56,
+                  total: int | None = None, fps: float | None = None) -> None:
+    """M_a as one bar per frame over exactly `width_px` pixels, on a time axis of `total` frames (default:
+    its own length): bar k sits at frame k's time, (k + 0.5) / total of the width, under the thumbnail
+    of the time slot that holds it (see `_thumbs`)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display, whatever the caller's backend
@@ -112,17 +134,20 @@ def magnitude_png(magnitude: np.ndarray, width_px: int, path: Path, height_px: i
 
     m = np.asarray(magnitude, np.float64).ravel()
     n = len(m)
+    axis = max(int(total or n), n, 1)
     dpi = 100
     fig = plt.figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, 1))  # the axes fill the figure, so data x = k + 0.5 is pixel (k + 0.5) * width / n
-    ax.bar(np.arange(n) + 0.5, m, width=0.8, color="#d9822b")
+    ax = fig.add_axes((0, 0, 1, 1))  # the axes fill the figure, so data x = k + 0.5 is pixel (k + 0.5) * width / axis
+    ax.bar(np.arange(n) + 0.5, m, width=0.8 if axis <= 64 else 1.0, color="#d9822b")
     ax.axhline(1.0, color="#555", lw=0.6, ls=":")  # M_a has mean 1: the dotted line is the average loudness
     top = max(float(np.nanmax(m)) if n else 1.0, 1.0) * 1.15
-    ax.set_xlim(0, n)
+    ax.set_xlim(0, axis)
     ax.set_ylim(0, top)
     ax.set_axis_off()
-    ax.text(0.005, 0.95, f"M_a (max {np.nanmax(m):.2f})" if n else "M_a", transform=ax.transAxes, va="top",
-            fontsize=7, color="#333")
+    label = f"M_a (max {np.nanmax(m):.2f})" if n else "M_a"
+    if fps:
+        label += f" · {n} frames, {n / fps:.2f} s"
+    ax.text(0.005, 0.95, label, transform=ax.transAxes, va="top", fontsize=7, color="#333")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -210,6 +235,41 @@ def write_report(cfg, rows: Sequence[Mapping[str, Any]] | None = None, out_dir: 
     return final / "index.html"
 
 
+class _Frames:
+    """Frames of a stored array read one at a time, as uint8 (a strip needs only a few of them)."""
+
+    def __init__(self, array, length: int | None = None):
+        self.array, self.length = array, array.shape[0] if length is None else length
+        self.shape = (self.length, *array.shape[1:])
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return as_uint8_frames(np.asarray(self.array[i])[None])[0]
+
+
+class _EditView:
+    def __init__(self, frames: _Frames, magnitude, fps):
+        self.frames, self.magnitude, self.fps = frames, magnitude, fps
+
+
+def _edit_view(store, r: Mapping[str, Any]) -> _EditView | None:
+    arr = store.open_array(r["edit_artifact"], r.get("edit_array") or "frames", r["edit_key"])
+    if arr is None:
+        return None
+    try:
+        mag = np.asarray(store.open_array(r["edit_artifact"], "magnitude", r["edit_key"])[...])
+    except (KeyError, TypeError):
+        mag = None
+    attrs = store.attrs(r["edit_artifact"], r["edit_key"]) or {}
+    return _EditView(_Frames(arr), mag, attrs.get("fps"))
+
+
+def _span_text(frames: int, fps: float | None) -> str:
+    return f"{frames} frames" + (f", {frames / fps:.2f} s" if fps else "")
+
+
 def _render(cfg, rows: Sequence[Mapping[str, Any]], root: Path, title: str) -> None:
     store, _ = open_store_and_ledger(cfg)
     side = cfg.report.thumb
@@ -237,44 +297,45 @@ def _render(cfg, rows: Sequence[Mapping[str, Any]], root: Path, title: str) -> N
     by_video: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
         by_video.setdefault(r["video_id"], []).append(r)
-    magnitudes_done: set[str] = set()
+    slots = cfg.report.strip_frames
     for vid, vrows in by_video.items():
         first = vrows[0]
         parts.append(f"<h2 id=\"video-{_e(vid)}\">{_e(vid)} <span class=dim>{_e(first.get('video_label'))}</span></h2>")
-        source = store.read(first["frames_artifact"], first["frames_key"], names=["frames"])
+        edits = {id(r): _edit_view(store, r) for r in vrows}
+        # One time axis per video: its longest edit span (every edit starts at the same source frame).
+        axis = max([len(e.frames) for e in edits.values() if e] or [int(first.get("num_frames") or 1)])
+        fps = next((e.fps for e in edits.values() if e and e.fps), None)
+        source = store.open_array(first["frames_artifact"], "frames", first["frames_key"])
         sheet = ["<table class=sheet>"]
         if source is None:
             manifest["missing"].append(f"source frames of {vid}")
             sheet.append("<tr><th>source</th><td class=warn>source frames not in the store</td></tr>")
         else:
-            src = _thumbs(source["frames"], side)
-            sheet.append(f"<tr><th>source<br><span class=dim>{_e(first.get('video_label'))}</span></th>"
-                         f"<td>{image(f'img/{vid}/source.png', src)}</td></tr>")
+            src = _thumbs(_Frames(source, min(axis, source.shape[0])), side, axis, slots)
+            span_text = _span_text(axis, fps)
+            sheet.append(f"<tr><th>source<br><span class=dim>{_e(first.get('video_label'))} · {_e(span_text)}"
+                         f"</span></th><td>{image(f'img/{vid}/source.png', src)}</td></tr>")
         videos = []
         for r in vrows:
             aid, variant = r["audio_id"], r["variant"] or "full"
+            got = edits[id(r)]
+            n_text = f" · {_span_text(len(got.frames), got.fps)}" if got else ""
             label = (f"<span class=cls>{_e(r['target_label'])}</span><br>{_e(aid)} · {_e(r['variant_name'])}"
-                     f"<br><span class=dim>{_e(_scores_line(r))}</span>")
-            edit = store.read(r["edit_artifact"], r["edit_key"], names=[r.get("edit_array") or "frames"])
+                     f"{_e(n_text)}<br><span class=dim>{_e(_scores_line(r))}</span>")
             cells = []
-            if edit is None:
+            if got is None:
                 manifest["missing"].append(f"edit frames {r['edit_artifact']}")
                 cells.append("<span class=warn>edited frames not in the store</span>")
             else:
-                strip = _thumbs(as_uint8_frames(next(iter(edit.values()))), side)
+                strip = _thumbs(got.frames, side, axis, slots)
                 cells.append(image(f"img/{vid}/{aid}.{variant}.png", strip))
-                nframes = len(next(iter(edit.values())))
-                mag = None
-                if r.get("audio_artifact"):
-                    mag = store.read(r["audio_artifact"], r.get("audio_key"), names=["magnitude"])
+                mag, efps = got.magnitude, got.fps
                 if mag is None:
-                    manifest["missing"].append(f"magnitude of {aid}")
+                    manifest["missing"].append(f"magnitude of {vid}/{aid}/{variant}")
                     cells.append("<span class=warn>magnitude not in the store</span>")
                 else:
-                    rel = f"img/magnitude/{aid}.{nframes}.{strip.shape[1]}.png"
-                    if rel not in magnitudes_done:
-                        magnitude_png(mag["magnitude"], strip.shape[1], root / rel)
-                        magnitudes_done.add(rel)
+                    rel = f"img/{vid}/{aid}.{variant}.ma.png"
+                    magnitude_png(mag, strip.shape[1], root / rel, total=axis, fps=efps)
                     cells.append(image(rel))
             sheet.append(f"<tr><th>{label}</th><td>{''.join(cells)}</td></tr>")
             mp4 = Path(r["mp4"]) if r.get("mp4") else None

@@ -18,9 +18,16 @@ from tasks.audio import (
     AudioDecodeError,
     InvalidAudioError,
     decode_audio,
+    ENVELOPE_RATE,
     embed_clips,
+    envelope,
+    frame_edges,
     magnitude,
+    magnitude_from_envelope,
     mel_features,
+    mel_for_frames,
+    mel_frames,
+    span_condition,
 )
 
 
@@ -180,6 +187,126 @@ def test_mel_rejects_nan():
     x[0, 3] = float("-inf")
     with pytest.raises(InvalidAudioError, match=r"siren\.wav: mel_features: 1 NaN/infinite"):
         mel_features(x, 16000, 4, source="siren.wav")
+
+
+# ------------------------------------------------------------------ stored features -> per-frame M_a / F_a
+
+
+def test_envelope_is_mean_abs_per_10ms_bin_at_the_clips_rate():
+    sr = 22050  # 220.5 samples per bin: bin j covers [floor(j * 220.5), floor((j + 1) * 220.5))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, sr + 77)).astype(np.float32)  # 1 s + 77 samples: 101 bins, the last short
+    env = envelope(torch.from_numpy(x), sr)
+    mono = np.abs(x.astype(np.float64).mean(axis=0))
+    bounds = np.minimum(np.arange(102) * sr // ENVELOPE_RATE, x.shape[1])
+    expected = [mono[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:])]
+    assert env.shape == (101,) and env.dtype == np.float32
+    np.testing.assert_allclose(env, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sr,seconds,n", [(16000, 2.0, 20), (44100, 5.0, 50), (48000, 3.0, 15)])
+def test_magnitude_from_envelope_equals_the_waveform_function_on_10ms_boundaries(sr, seconds, n):
+    # N chunks of the whole clip whose edges fall on 10 ms bins: the two paths are the same sums
+    x = torch.from_numpy(_test_signal(seconds, sr, seed=n))[None]
+    env = envelope(x, sr)
+    want = magnitude(x, sr, n, temperature=0.25)
+    got = magnitude_from_envelope(env, x.shape[1] / sr, np.linspace(0, seconds, n + 1), 0.25)
+    assert got.shape == (n,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # and at a frame rate: chunk k = [k / fps, (k + 1) / fps) of the clip's first n / fps seconds
+    fps = n / seconds * 2  # the first half of the clip
+    head = x[:, : int(round(seconds / 2 * sr))]
+    torch.testing.assert_close(magnitude_from_envelope(env, x.shape[1] / sr, frame_edges(n, fps), 0.25),
+                               magnitude(head, sr, n, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_magnitude_from_envelope_close_when_boundaries_fall_inside_bins():
+    sr = 44100
+    x = torch.from_numpy(_test_signal(4.0, sr, seed=7))[None]
+    env = envelope(x, sr)
+    # Chunk edges between 10 ms bins: the envelope is taken as flat within a bin, so a chunk's mean
+    # is off by at most its two partial bins' deviation; the softmax at tau 0.25 multiplies that by
+    # ~4. This signal beats (440 Hz against a 300 Hz+ chirp) within 10 ms bins: a hard case.
+    for n, tol in ((7, 0.03), (24, 0.03), (97, 0.08)):  # chunks of 571, 167 and 41 ms
+        got = magnitude_from_envelope(env, 4.0, np.linspace(0, 4.0, n + 1), 0.25).numpy()
+        want = magnitude(x, sr, n, 0.25).numpy()
+        assert np.abs(got - want).max() < tol * want.max(), (n, np.abs(got - want).max())
+        assert np.corrcoef(got, want)[0, 1] > 0.999
+
+
+@pytest.mark.parametrize("n", [8, 24, 300])
+def test_mel_for_frames_equals_mel_features_for_the_whole_clip(n):
+    for sr in (16000, 44100):
+        x = torch.from_numpy(_test_signal(3.0, sr, seed=n))[None]
+        mel, dur16 = mel_frames(x, sr, 64)
+        assert mel.shape == (-(-int(dur16 * 16000) // MEL_HOP), 64)
+        got = mel_for_frames(mel, dur16, np.linspace(0, dur16, n + 1))
+        torch.testing.assert_close(got, mel_features(x, sr, n, 64), rtol=0, atol=1e-5)
+
+
+def test_mel_for_frames_at_a_frame_rate_pools_the_frames_under_each_video_frame():
+    x = torch.from_numpy(_test_signal(2.0, 16000, seed=2))[None]
+    mel, dur = mel_frames(x, 16000, 32)
+    out = mel_for_frames(mel, dur, frame_edges(10, 10.0)).numpy()  # 10 frames at 10 fps: 100 ms each
+    for k in range(10):
+        np.testing.assert_allclose(out[k], mel[10 * k : 10 * k + 10].mean(axis=0), rtol=1e-5, atol=1e-5)
+    # 100 fps: one Mel frame per chunk; 400 fps: chunks without a centre take the nearest frame
+    np.testing.assert_allclose(mel_for_frames(mel, dur, frame_edges(50, 100.0)).numpy(), mel[:50], atol=1e-6)
+    fast = mel_for_frames(mel, dur, frame_edges(8, 400.0)).numpy()
+    np.testing.assert_allclose(fast[[0, 4]], mel[[0, 1]], atol=1e-6)
+    assert np.isfinite(fast).all()
+
+
+def test_pad_and_loop_past_the_end_of_the_clip():
+    sr, fps = 16000, 10.0
+    t = np.arange(sr) / sr  # 1 s: quiet first half, loud second half
+    x = np.where(t < 0.5, 0.1, 0.8) * np.sin(2 * np.pi * 300 * t)
+    w = torch.from_numpy(x.astype(np.float32))[None]
+    env, (mel, mdur) = envelope(w, sr), mel_frames(w, sr, 32)
+    edges = frame_edges(30, fps)  # a 3 s span over a 1 s clip
+    pad = magnitude_from_envelope(env, 1.0, edges, 0.25, fit="pad").numpy()
+    loop = magnitude_from_envelope(env, 1.0, edges, 0.25, fit="loop").numpy()
+    # pad: silence after 1 s (m = 0, the smallest weight); loop: the clip again, period 10 frames
+    assert np.allclose(pad[10:], pad[10]) and pad[10] < pad[:10].min()
+    np.testing.assert_allclose(loop[:10], loop[10:20], rtol=1e-5)
+    np.testing.assert_allclose(loop[:10], loop[20:], rtol=1e-5)
+    assert loop[5:10].min() > 2 * loop[:5].max() and float(loop.mean()) == pytest.approx(1.0, abs=1e-5)
+    mpad = mel_for_frames(mel, mdur, edges, fit="pad").numpy()
+    mloop = mel_for_frames(mel, mdur, edges, fit="loop").numpy()
+    np.testing.assert_allclose(mpad[12:], np.log(MEL_LOG_EPS), atol=1e-5)  # digital silence
+    np.testing.assert_allclose(mloop[12:20], mloop[2:10], atol=1e-4)
+    np.testing.assert_allclose(mpad[:9], mloop[:9], atol=1e-6)  # identical inside the clip
+    with pytest.raises(ValueError, match="audio_fit"):
+        magnitude_from_envelope(env, 1.0, edges, 0.25, fit="repeat")
+
+
+def test_silence_gives_all_ones_and_never_nan():
+    w = torch.zeros(1, 8000)
+    env = envelope(w, 16000)
+    for fit in ("pad", "loop"):
+        torch.testing.assert_close(magnitude_from_envelope(env, 0.5, frame_edges(12, 10.0), 0.25, fit),
+                                   torch.ones(12))
+    tiny = envelope(torch.ones(1, 3), 16000)  # 3 samples: one bin
+    assert np.isfinite(magnitude_from_envelope(tiny, 3 / 16000, frame_edges(5, 24.0), 0.25).numpy()).all()
+
+
+def test_magnitude_follows_loudness_under_each_frame():
+    """A clip that swells and fades at known times: per-frame M_a ranks like the loudness under each frame."""
+    from scipy.stats import spearmanr
+
+    sr, fps, seconds = 22050, 12.0, 5.0
+    t = np.arange(int(seconds * sr)) / sr
+    loudness = lambda s: 0.05 + 0.9 * np.exp(-(((s - 1.5) / 0.4) ** 2)) + 0.5 * np.exp(-(((s - 3.8) / 0.3) ** 2))
+    noise = np.random.default_rng(0).standard_normal(t.size)
+    w = torch.from_numpy((loudness(t) * noise * 0.5).astype(np.float32))[None]
+    n = int(seconds * fps)
+    cond = span_condition({"embedding": np.zeros(4), "envelope": envelope(w, sr), "duration_s": seconds,
+                           **dict(zip(("mel", "mel_duration_s"), mel_frames(w, sr, 16)))},
+                          n, frame_edges(n, fps), 0.25)
+    under = loudness((np.arange(n) + 0.5) / fps)
+    rho = spearmanr(cond["magnitude"].numpy(), under)[0]
+    assert rho >= 0.95, rho
+    assert cond["mel"].shape == (n, 16) and spearmanr(cond["mel"].numpy().mean(axis=1), under)[0] >= 0.9
 
 
 # ------------------------------------------------------------------ decoding

@@ -11,9 +11,9 @@ from tasks.stage import plan, todo
 from tests.conftest import fixtures_dir
 
 
-def setup(tmp_path, audio_sources, num_frames=8, **stage):
+def setup(tmp_path, audio_sources, **stage):
     cfg = config_from_dict({"workdir": str(tmp_path / "work"), "catalogs": {"audio": audio_sources},
-                            "stages": {"audio": stage, "video": {"num_frames": num_frames}}})
+                            "stages": {"audio": stage}})
     store, ledger = ArtifactStore(cfg.store_url), Ledger(cfg.ledger_url)
     return cfg, store, ledger
 
@@ -31,7 +31,7 @@ def encoder():
 
 def test_stage_writes_features_and_reruns_incrementally(tmp_path, encoder):
     data = write_sample_data(tmp_path / "data", videos=1, clips=4, seed=1, frames=2)
-    cfg, store, ledger = setup(tmp_path, [{"kind": "esc50", "root": str(data.esc50_root)}], num_frames=6)
+    cfg, store, ledger = setup(tmp_path, [{"kind": "esc50", "root": str(data.esc50_root)}])
     items = audio.work_items(cfg, catalog_of(cfg))
     assert [e.state for e in plan(items, ledger)] == ["missing"] * 4
     r = audio.run_batch(cfg, items, store, ledger, encoder=encoder)
@@ -42,9 +42,18 @@ def test_stage_writes_features_and_reruns_incrementally(tmp_path, encoder):
         assert got["embedding"].shape == (1024,) and got["embedding"].dtype == np.float32
         # mean of three clip embeddings, each L2-normalised x 20
         assert 0 < np.linalg.norm(got["embedding"]) <= 20 + 1e-4
-        assert got["magnitude"].shape == (6,) and got["magnitude"].mean() == pytest.approx(1.0, abs=1e-5)
-        assert got["mel"].shape == (6, 128) and np.isfinite(got["mel"]).all()
-        assert store.attrs(it.artifact)["sample_rate"] == 44100
+        # rate-independent features of the 5 s clips: a 100 Hz envelope and 10 ms log-Mel frames
+        assert got["envelope"].shape == (500,) and got["envelope"].dtype == np.float32
+        assert got["envelope"].min() >= 0 and got["envelope"].max() > 0
+        assert got["mel"].shape == (500, 128) and np.isfinite(got["mel"]).all()
+        attrs = store.attrs(it.artifact)
+        assert attrs["sample_rate"] == 44100 and attrs["duration_s"] == pytest.approx(5.0)
+        assert attrs["mel_duration_s"] == pytest.approx(5.0) and attrs["envelope_rate"] == 100
+        # any span's M_a / F_a come from them: 8 frames at 24 fps = the clip's first 1/3 s
+        feats = audio.read_features(store, it.artifact, it.key.key)
+        cond = audio.span_condition(feats, 8, audio.frame_edges(8, 24.0), 0.25)
+        assert cond["magnitude"].shape == (8,) and float(cond["magnitude"].mean()) == pytest.approx(1.0, abs=1e-5)
+        assert cond["mel"].shape == (8, 128) and np.isfinite(cond["mel"].numpy()).all()
 
     # Unchanged inputs: nothing to do.
     items2 = audio.work_items(cfg, catalog_of(cfg))
@@ -73,10 +82,13 @@ def test_parameter_and_code_version_changes(tmp_path, encoder):
     src = [{"kind": "esc50", "root": str(data.esc50_root)}]
     cfg, store, ledger = setup(tmp_path, src)
     audio.run_batch(cfg, audio.work_items(cfg, catalog_of(cfg)), store, ledger, encoder=encoder)
+    cfg_m, _, _ = setup(tmp_path, src, n_mels=64)
+    assert {e.reasons for e in plan(audio.work_items(cfg_m, catalog_of(cfg_m)), ledger)} == {("parameters changed",)}
+    # the temperature shapes each edit's M_a, not the stored features: nothing to recompute here
     cfg_t, _, _ = setup(tmp_path, src, temperature=0.5)
-    assert {e.reasons for e in plan(audio.work_items(cfg_t, catalog_of(cfg_t)), ledger)} == {("parameters changed",)}
-    cfg_v, _, _ = setup(tmp_path, src, code_version="2")
-    assert {e.reasons for e in plan(audio.work_items(cfg_v, catalog_of(cfg_v)), ledger)} == {("code_version 1 -> 2",)}
+    assert todo(plan(audio.work_items(cfg_t, catalog_of(cfg_t)), ledger)) == []
+    cfg_v, _, _ = setup(tmp_path, src, code_version="3")
+    assert {e.reasons for e in plan(audio.work_items(cfg_v, catalog_of(cfg_v)), ledger)} == {("code_version 2 -> 3",)}
 
 
 def test_bad_clip_fails_alone(tmp_path, encoder):
@@ -120,4 +132,5 @@ def test_real_fixture_clips_go_through_the_stage(tmp_path, encoder):
     assert r.failed == {} and len(r.computed) == 6
     for it in items:
         got = store.read(it.artifact, it.key.key)
-        assert got["mel"].shape == (8, 128) and np.isfinite(got["embedding"]).all()
+        assert got["mel"].shape[1] == 128 and np.isfinite(got["embedding"]).all()
+        assert abs(got["envelope"].shape[0] - got["mel"].shape[0]) <= 1

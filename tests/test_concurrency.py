@@ -51,7 +51,7 @@ def test_overlapping_workers_do_each_item_once(tmp_path):
     assert sorted(latest) == ids
     for clip, row in latest.items():
         got = store.read(f"audio/{clip}", row["key"])
-        assert got is not None and np.isfinite(got["embedding"]).all() and got["magnitude"].shape == (8,)
+        assert got is not None and np.isfinite(got["embedding"]).all() and got["envelope"].shape == (500,)
     ledger.compact()
     rows = ledger.read(stage="audio")
     assert sorted(rows["item_id"].to_pylist()) == ids  # no duplicate rows after compaction

@@ -74,8 +74,17 @@ def test_top_level_must_be_mapping(tmp_path):
     assert config_from_dict(None).workdir.is_absolute()
 
 
-def test_frame_counts_agree():
-    assert config_from_dict({"stages": {"video": {"num_frames": 16}}}).num_frames == 16
-    assert config_from_dict({"stages": {"video": {"num_frames": 16}, "audio": {"num_frames": 16}}}).num_frames == 16
-    with pytest.raises(ConfigError, match=r"stages.audio.num_frames \(8\) must equal stages.video.num_frames \(16\)"):
-        config_from_dict({"stages": {"video": {"num_frames": 16}, "audio": {"num_frames": 8}}})
+def test_span_settings_and_the_retired_audio_frame_count():
+    cfg = config_from_dict({})
+    assert (cfg.stages.video.span, cfg.stages.video.max_seconds, cfg.stages.edit.audio_fit) == ("clip", 120.0, "pad")
+    cfg = config_from_dict({"stages": {"video": {"span": "video", "max_seconds": 30}, "edit": {"audio_fit": "loop"}}})
+    assert (cfg.stages.video.span, cfg.stages.video.max_seconds, cfg.stages.edit.audio_fit) == ("video", 30.0, "loop")
+    # M_a / F_a follow each edit's span: a fixed audio frame count is an error that says so
+    with pytest.raises(ConfigError, match=r"stages.audio: .*num_frames is no longer a setting.*remove stages.audio.num_frames"):
+        config_from_dict({"stages": {"video": {"num_frames": 16}, "audio": {"num_frames": 16}}})
+    with pytest.raises(ConfigError, match=r"stages.video.span: Input should be 'clip', 'video' or 'frames'"):
+        config_from_dict({"stages": {"video": {"span": "all"}}})
+    with pytest.raises(ConfigError, match=r"stages.video.max_seconds: Input should be greater than 0"):
+        config_from_dict({"stages": {"video": {"max_seconds": 0}}})
+    with pytest.raises(ConfigError, match=r"stages.edit.audio_fit: Input should be 'pad' or 'loop'"):
+        config_from_dict({"stages": {"edit": {"audio_fit": "stretch"}}})

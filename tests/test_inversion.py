@@ -119,7 +119,7 @@ def test_stage_stores_z_T_trajectory_and_keys(tmp_path):
     assert [e.state for e in plan(inversion.work_items(cfg, catalog), ledger)] == ["done"]
     more = fx.make_cfg(tmp_path, inversion={"save_trajectory": True, "steps": 5})
     assert plan(inversion.work_items(more, catalog), ledger)[0].reasons == ("parameters changed",)
-    fewer = fx.make_cfg(tmp_path, inversion={"save_trajectory": True}, video={"num_frames": 3})
+    fewer = fx.make_cfg(tmp_path, inversion={"save_trajectory": True}, video={"span": "frames", "num_frames": 3})
     assert plan(inversion.work_items(fewer, catalog), ledger)[0].reasons == ("upstream changed: latents",)
     # Inverting with the fine-tuned model is another artifact, keyed on the fine-tuning.
     ft_cfg = fx.make_cfg(tmp_path, inversion={"model": "finetuned"})

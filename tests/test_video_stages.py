@@ -21,6 +21,8 @@ R = 64
 
 
 def make_cfg(workdir: Path, preset: str = "tiny", paths: dict | None = None, **video):
+    if "num_frames" in video:  # a fixed frame count: the "frames" span (the default covers the whole video)
+        video = {"span": "frames", **video}
     video = {"resolution": R, "mask_source": "dataset", **video}
     models = {"preset": preset, "paths": paths or {}}
     return config_from_dict({"workdir": str(workdir), "models": models, "stages": {"video": video}})
@@ -172,7 +174,7 @@ def test_bad_inputs_fail_alone_with_clear_messages(tmp_path):
     png = root / "Annotations/480p/kite/00002.png"
     Image.open(png).resize((32, 24), Image.Resampling.NEAREST).save(png)  # a mask of another size than its frame
 
-    cfg = make_cfg(tmp_path / "w")
+    cfg = make_cfg(tmp_path / "w", num_frames=8)
     store, ledger = open_store_and_ledger(cfg)
     r = frames.run_batch(cfg, frames.work_items(cfg, catalog), store, ledger)
     assert sorted(r.computed) == ["ball", "dog", "kite"]
@@ -194,7 +196,8 @@ def test_bad_inputs_fail_alone_with_clear_messages(tmp_path):
     assert all(f"Error: video '{row['item_id']}': " in row["error"] for row in failed)
 
     # missing weights: every item fails with the folder it looked for, nothing crashes
-    paper = make_cfg(tmp_path / "w", preset="paper", paths={"depth": str(tmp_path / "no-dpt"), "base": str(tmp_path / "no-sd")})
+    paper = make_cfg(tmp_path / "w", preset="paper", paths={"depth": str(tmp_path / "no-dpt"), "base": str(tmp_path / "no-sd")},
+                     num_frames=8)
     for mod, what in ((depth, "no-dpt"), (latents, "no-sd/vae")):
         items = [i for i in mod.work_items(paper, catalog) if i.item_id in ("ball", "dog")]
         r = mod.run_batch(paper, items, store, ledger)
