@@ -17,9 +17,9 @@ from prefect import task
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
+from tasks import span
 from tasks.stage import BatchResult, WorkItem
 from tasks.stage_task import StageCachePolicy, run_logged_batch
-from tasks import span
 from tasks.video import (
     TooFewFramesError,
     catalog_videos,
