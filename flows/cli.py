@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", type=Path, help="output folder (davis/ and esc50/ are created inside)")
     s.add_argument("--videos", type=int, default=2, help="number of videos (default 2)")
     s.add_argument("--clips", type=int, default=4, help="number of audio clips (default 4)")
-    s.add_argument("--frames", type=int, default=16, help="frames per video (default 16)")
+    s.add_argument("--frames", type=int, default=48, help="frames per video (default 48: 2 s at 24 fps)")
     s.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     s.set_defaults(func=cmd_sample_data)
 

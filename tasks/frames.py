@@ -15,8 +15,8 @@ from typing import Any
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
-from tasks.stage import BatchResult, WorkItem
 from tasks import span
+from tasks.stage import BatchResult, WorkItem
 from tasks.stage_task import StageCachePolicy, run_logged_batch, task
 from tasks.video import (
     TooFewFramesError,

@@ -1,7 +1,8 @@
 """Synthetic sample data in the DAVIS and ESC-50 layouts, deterministic for a seed.
 
 Videos: a coloured object moving over a textured, scrolling background, with
-palette-PNG annotations of the object (DAVIS style). Audio: procedurally
+palette-PNG annotations of the object (DAVIS style); 48 frames (2 s at DAVIS' 24 fps)
+by default. Audio: procedurally
 synthesised 5 s, 44.1 kHz mono clips of a few ESC-50 classes, each with a
 recognisable temporal structure (steady rain, crackling impulses, slow swells,
 chirps), plus a valid meta/esc50.csv.
@@ -159,7 +160,7 @@ def write_sample_data(
     videos: int = 2,
     clips: int = 4,
     seed: int = 0,
-    frames: int = 16,
+    frames: int = 48,  # 2 s at DAVIS' 24 fps
     height: int = 96,
     width: int = 128,
 ) -> SampleData:

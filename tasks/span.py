@@ -57,7 +57,7 @@ def frames_from(total: int, start: int, stride: int) -> int:
 
 def frames_in(seconds: float, fps: float) -> int:
     """floor(seconds * fps + 1e-6): the whole frames that fit in `seconds` at `fps`."""
-    return int(math.floor(float(seconds) * float(fps) + _EPS))
+    return math.floor(float(seconds) * float(fps) + _EPS)
 
 
 def video_frames(cfg, entry: dict[str, Any]) -> int:

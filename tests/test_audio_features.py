@@ -12,13 +12,13 @@ import torch
 
 from models.imagebind_audio import ImageBindAudioEncoder, preprocess
 from tasks.audio import (
+    ENVELOPE_RATE,
     MEL_HOP,
     MEL_LOG_EPS,
     MEL_N_FFT,
     AudioDecodeError,
     InvalidAudioError,
     decode_audio,
-    ENVELOPE_RATE,
     embed_clips,
     envelope,
     frame_edges,
@@ -215,7 +215,7 @@ def test_magnitude_from_envelope_equals_the_waveform_function_on_10ms_boundaries
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # and at a frame rate: chunk k = [k / fps, (k + 1) / fps) of the clip's first n / fps seconds
     fps = n / seconds * 2  # the first half of the clip
-    head = x[:, : int(round(seconds / 2 * sr))]
+    head = x[:, : round(seconds / 2 * sr)]
     torch.testing.assert_close(magnitude_from_envelope(env, x.shape[1] / sr, frame_edges(n, fps), 0.25),
                                magnitude(head, sr, n, 0.25), rtol=1e-5, atol=1e-5)
 

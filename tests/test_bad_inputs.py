@@ -61,7 +61,8 @@ def test_grid_with_bad_inputs_finishes_the_rest(prefect_server, tmp_path, capsys
         "workdir": str(tmp_path / "work"),
         "catalogs": {"videos": [{"kind": "davis", "root": str(data.davis_root)}],
                      "audio": [{"kind": "esc50", "root": str(data.esc50_root)}]},
-        "models": {"preset": "tiny"}, "stages": QUICK_STAGES,
+        # 8-frame edits (span "frames"): a 1-frame video is then too short, a bad input
+        "models": {"preset": "tiny"}, "stages": {**QUICK_STAGES, "video": {**QUICK_STAGES["video"], "span": "frames"}},
     }))
     code = main(["run", str(config)])
     out = capsys.readouterr().out

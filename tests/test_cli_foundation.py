@@ -4,6 +4,7 @@ import json
 
 from flows.cli import main
 from storage import Ledger
+from tests.diffusion_factory import one_thread  # noqa: F401  (autouse: tiny models, one torch thread)
 
 
 def test_sample_data_cli(tmp_path, capsys):
@@ -41,10 +42,15 @@ def test_demo_builds_catalog_and_ledger_once(prefect_server, tmp_path, capsys):
     assert {k: report["stages"]["audio"][k] for k in ("done", "stale", "missing", "failed")} == \
         {"done": 4, "stale": 0, "missing": 0, "failed": 0}
     # A parameter change makes every clip stale, and status says why.
-    assert main(["status", str(work / "demo.yaml"), "--json", "--set", "stages.audio.temperature=0.5"]) == 0
+    assert main(["status", str(work / "demo.yaml"), "--json", "--set", "stages.audio.n_mels=64"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["stages"]["audio"]["stale"] == 4
     assert {tuple(i["reasons"]) for i in report["stages"]["audio"]["items"]} == {("parameters changed",)}
+    # The temperature shapes each edit's M_a, derived from the stored features: fine-tuning and
+    # edits go stale, the audio stage does not.
+    assert main(["status", str(work / "demo.yaml"), "--json", "--set", "stages.audio.temperature=0.5"]) == 0
+    stages = json.loads(capsys.readouterr().out)["stages"]
+    assert (stages["audio"]["stale"], stages["finetune"]["stale"], stages["edit"]["stale"]) == (0, 2, 8)
 
 
 def test_run_refuses_bad_config(tmp_path, capsys):
