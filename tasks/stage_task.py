@@ -49,6 +49,16 @@ class DeferredTask:
     def __repr__(self) -> str:
         return f"DeferredTask({self._fn.__module__}.{self._fn.__qualname__})"
 
+    def __reduce__(self):
+        # Pickled by reference (a flow's globals travel to Dask workers): the lock never does.
+        return (_module_attribute, (self._fn.__module__, self._fn.__qualname__))
+
+
+def _module_attribute(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 
 def task(fn: Callable | None = None, **options: Any):
     """`prefect.task` with Prefect imported only when the task is first used (same arguments)."""
