@@ -67,9 +67,16 @@ def unet_config(cfg, name: str | None, training: bool = False) -> dict[str, Any]
 def edit_switches(unet3d: dict[str, Any]) -> dict[str, Any]:
     """The edit-only switches of a variant's UNet3DConfig dict (set on the shared fine-tuned model
     by `apply_edit_switches` before that variant edits with it)."""
-    from models.unet3d import UNet3DConfig
+    missing = [k for k in EDIT_ONLY_SWITCHES if k not in unet3d]
+    if not missing:  # a full UNet3DConfig dict (unet_config's): planning needs no torch
+        return {k: unet3d[k] for k in EDIT_ONLY_SWITCHES}
 
-    defaults = UNet3DConfig().to_dict()
+    def build():
+        from models.unet3d import UNet3DConfig
+
+        return UNet3DConfig().to_dict()
+
+    defaults = memo("models.unet3d.UNet3DConfig.defaults", {}, build)
     return {k: unet3d.get(k, defaults[k]) for k in EDIT_ONLY_SWITCHES}
 
 
