@@ -8,16 +8,20 @@ tasks.edit.edit_latents with a one-step DDIM schedule: the inflated U-Net on
 [zero; clip] rows (classifier-free guidance), E_a/M_a/F_a, a SceneMasker mask and a
 depth ControlNet per frame, over a span of F frames in windows of WINDOW frames
 overlapping by OVERLAP (the span's frame 0 as anchor), random weights. Default cases:
-the tiny preset at 8x8 latents (the demo's 64 px) and sd21-unclip-h at 8x8 latents,
-both with window 8, overlap 2, at 16, 48 and 120 frames; plus the same step without
+the tiny preset at 16x16 latents (128 px) and sd21-unclip-h at 8x8 latents (64 px),
+both with window 8, overlap 2 (the quick config's windows; every span is then several
+windows, so each span pays the same overlap and anchor share), at 16, 48 and 120 frames; plus the same step without
 windows (the whole span in one call) at the shortest and longest span, the baseline
 that shows what windows save.
 
 Each (case, frames) runs in a fresh subprocess: build the models, one warm-up step on
 a short span, then the peak memory of one step over the span (benchmarks/peak_memory:
 VmHWM - VmRSS after resetting the high-water mark on a CPU, max_memory_allocated on
-CUDA; activations and workspaces beyond the resident weights), then the step's time
-(the minimum of --repeats runs). Figures: peak at the longest span / peak at the
+CUDA; activations and workspaces beyond the resident weights), on a CPU also the peak
+of live tensor storage counted op by op (what max_memory_allocated is on CUDA, free of
+the C allocator's noise), then the step's time
+(the minimum of --repeats runs; wall and, on a CPU, process CPU seconds, which other
+jobs sharing the cores disturb far less than wall time). Figures: peak at the longest span / peak at the
 shortest (windows: should stay near 1), and time per frame at each span / at the
 shortest (flat = linear in the span). Ratios come from one run.
 """
@@ -32,12 +36,12 @@ import sys
 import time
 from pathlib import Path
 
-from peak_memory import peak_mb  # benchmarks/ (the script's folder) is on sys.path
+from peak_memory import peak_mb, tensor_peak_mb  # benchmarks/ (the script's folder) is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "windows.json"
-DEFAULT_CASES = ["tiny:8:8:2", "sd21-unclip-h:8:8:2"]
+DEFAULT_CASES = ["tiny:16:8:2", "sd21-unclip-h:8:8:2"]
 GUIDANCE = 7.5
 
 
@@ -101,15 +105,19 @@ def measure(spec: dict) -> dict:
     step(inputs(min(frames, window + 2)), win)  # warm-up: allocator, kernels, filters
     x = inputs(frames)
     peak, how = peak_mb(lambda: step(x, win), spec["device"])
-    times = []
+    tensors = tensor_peak_mb(lambda: step(x, win))[0] if spec["device"] == "cpu" else None
+    times, cpu = [], []
     for _ in range(spec["repeats"]):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(x, win)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     windows = plan_windows(frames, win, overlap if win else 0, model.config.sparse_causal_attention)
     return {
         "frames": frames, "windowed": spec["windowed"], "peak_mb": round(peak, 1), "peak_how": how,
+        "tensor_peak_mb": None if tensors is None else round(tensors, 2),
         "step_s": round(min(times), 4), "s_per_frame": round(min(times) / frames, 5),
+        "cpu_s_per_frame": round(min(cpu) / frames, 5),
         "windows": len(windows), "frames_evaluated": sum(w.frames + w.anchored for w in windows),
         "threads": torch.get_num_threads(),
     }
@@ -129,17 +137,23 @@ def run_case(case: dict, args) -> dict:
         row = json.loads(r.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"  {case['preset']} {frames:4d} frames {'windowed' if windowed else 'whole   '}: "
-              f"peak {row['peak_mb']:8.1f} MB, {row['s_per_frame'] * 1000:8.2f} ms/frame", flush=True)
+              f"peak {row['peak_mb']:8.1f} MB (tensors {row['tensor_peak_mb']} MB), "
+              f"{row['s_per_frame'] * 1000:8.2f} ms/frame ({row['cpu_s_per_frame'] * 1000:.2f} CPU ms)", flush=True)
     win = {r["frames"]: r for r in rows if r.get("windowed") and "error" not in r}
     whole = {r["frames"]: r for r in rows if not r.get("windowed") and "error" not in r}
     lo, hi = min(args.frames), max(args.frames)
     ratios = {}
     if lo in win and hi in win:
         ratios["peak_longest_over_shortest"] = round(win[hi]["peak_mb"] / max(win[lo]["peak_mb"], 1e-9), 3)
+        if win[lo].get("tensor_peak_mb"):
+            ratios["tensor_peak_longest_over_shortest"] = round(win[hi]["tensor_peak_mb"] / win[lo]["tensor_peak_mb"], 3)
         ratios["time_per_frame_over_shortest"] = {
             str(f): round(win[f]["s_per_frame"] / win[lo]["s_per_frame"], 3) for f in sorted(win)}
         spread = [win[f]["s_per_frame"] for f in win]
         ratios["time_per_frame_max_over_min"] = round(max(spread) / min(spread), 3)
+        if args.device == "cpu":  # CPU seconds: what the step costs, whatever else shares the cores
+            cpu = [win[f]["cpu_s_per_frame"] for f in win]
+            ratios["cpu_time_per_frame_max_over_min"] = round(max(cpu) / min(cpu), 3)
     if hi in win and hi in whole:
         ratios["peak_whole_over_windowed_at_longest"] = round(whole[hi]["peak_mb"] / max(win[hi]["peak_mb"], 1e-9), 3)
     if lo in whole and hi in whole:

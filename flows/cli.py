@@ -1,7 +1,7 @@
 """`audioscenic`: sample data, the demo, runs, status.
 
 Exit codes: 0 success; 1 finished, but some items failed (see the messages);
-2 bad usage or config (nothing was run).
+2 bad usage or config (nothing was run); 130 stopped by Ctrl-C or SIGTERM (finished work kept).
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import flows  # noqa: F401  (sets the offline Prefect environment before Prefect loads)
+from tasks import interrupts
 
-EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, interrupts.EXIT_INTERRUPTED
 
 
 def _console():
@@ -67,10 +68,19 @@ def _bars() -> bool:
 
 
 def _run(config_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Plan first: with nothing to do, the answer comes from the ledger (no Prefect server, no model library)."""
+    """Plan first: with nothing to do, the answer comes from the ledger (no Prefect server, no model library).
+
+    Signals (tasks.interrupts): a first Ctrl-C or SIGTERM stops the run at its next safe point and the summary
+    says what was done; a second one exits at once. The temporary Prefect server lives outside the terminal's
+    process group, so the first Ctrl-C does not take it from the run that is stopping."""
     from flows.preflight import run_pipeline
 
-    return run_pipeline(config_path, overrides or None, progress=_bars())
+    try:
+        return run_pipeline(config_path, overrides or None, progress=_bars(), detached_server=True)
+    except BaseException as e:
+        if isinstance(e, Exception) or not interrupts.stop_requested():
+            raise
+        return {"catalog": {}, "interrupted": True}  # a signal landed outside a stage (e.g. in Prefect's engine)
 
 
 def _summarise(summary: dict[str, Any], cfg) -> int:
@@ -83,9 +93,10 @@ def _summarise(summary: dict[str, Any], cfg) -> int:
     for stage, s in summary.items():
         if stage in ("catalog", "report") or not isinstance(s, dict):
             continue
-        busy = f", {s['busy']} being computed by another worker" if s.get("busy") else ""
+        busy = f", {s['busy']} still being computed by another worker" if s.get("busy") else ""
+        stopped = f", {s['not_started']} not started (stopped)" if s.get("not_started") else ""
         console.print(f"{stage}: {s.get('computed', 0)} computed, {s.get('skipped', 0) + s.get('adopted', 0)} already done, "
-                      f"{len(s.get('failed', {}))} failed{busy}")
+                      f"{len(s.get('failed', {}))} failed{busy}{stopped}")
         for item, err in (s.get("failed") or {}).items():
             console.print(f"  [red]failed[/red] {item}: {err}")
         failed += len(s.get("failed") or {})
@@ -93,6 +104,10 @@ def _summarise(summary: dict[str, Any], cfg) -> int:
         console.print(f"report: {summary['report'].get('report')}")
     console.print(f"store:  {cfg.store_url}")
     console.print(f"ledger: {cfg.ledger_url}")
+    if summary.get("interrupted") or interrupts.stop_requested():
+        console.print(f"[yellow]stopped[/yellow] ({interrupts.stop_reason() or 'interrupted'}): finished work is kept; "
+                      "rerun the same command to continue")
+        return EXIT_INTERRUPTED
     return EXIT_ITEMS_FAILED if failed else EXIT_OK
 
 
@@ -156,6 +171,8 @@ def cmd_edit(args) -> int:
     print(f"editing video {job.video_id} with clip {job.audio_id} (fine-tuned with {job.source_id}, "
           f"variant {job.variant}); workdir {cfg.workdir}")
     code = _summarise(_run(job.config_path, {}), cfg)
+    if code == EXIT_INTERRUPTED:
+        return code
     items = [it for it in edit_stage.work_items(cfg, read_catalog(cfg.catalog_path))
              if (it.video_id, it.audio_id, it.variant) == (job.video_id, job.audio_id, job.variant)]
     store = ArtifactStore(cfg.store_url, cfg.storage.storage_options)
@@ -246,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Audio-driven video scene editing (AudioScenic) as cached, incremental Prefect flows. "
         "Every stage's output is keyed by its inputs, parameters and code version, so a rerun "
         "redoes only what changed.",
-        epilog="Exit codes: 0 ok; 1 finished but some items failed; 2 bad usage or config.",
+        epilog="Exit codes: 0 ok; 1 finished but some items failed; 2 bad usage or config; "
+        "130 stopped by Ctrl-C or SIGTERM (finished work is kept; rerun to continue).",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -318,10 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         # (they stay in the Prefect UI). PREFECT_LOGGING_LEVEL set by the user wins.
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     try:
-        return args.func(args)
+        with interrupts.handle_signals():
+            return args.func(args)
     except KeyboardInterrupt:
         print("interrupted; completed artifacts are kept, rerun to continue", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from flows.preflight import COMPACT_AFTER_FRAGMENTS, answer_without_prefect, key
 from flows.stages import stage_modules
 from storage import Ledger
 from storage.state import open_state, using
+from tasks import interrupts
 from tasks.catalog import catalog_task, read_catalog
 from tasks.config import load_config
 
@@ -75,7 +76,13 @@ def stages_flow(config_path: str, overrides: dict[str, Any] | None = None, only:
             logger.info("%s: %s", mod.STAGE, {k: v for k, v in summary[mod.STAGE].items() if k != "failed"})
             for item, err in summary[mod.STAGE]["failed"].items():
                 logger.error("%s %s failed: %s", mod.STAGE, item, err)
+            if interrupts.stop_requested():
+                break
     state.save()
+    if interrupts.stop_requested():  # no further stage, no report: what finished is in the ledger
+        logger.warning("stopped (%s): finished work is kept; rerun to continue", interrupts.stop_reason())
+        summary["interrupted"] = True
+        return summary
     if only is None:  # every stage planned: the next status or no-op check need not build these keys again
         store_planned(cfg, fingerprint(cfg, catalog, mods), planned)
     if any(m.STAGE == "metrics" for m in mods) and (only is None or "metrics" in only):

@@ -1,13 +1,18 @@
 """Turn a stage's plan into Prefect work: batches, bounded concurrency, a summary."""
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 from flows import progress
 from storage import Ledger
+from tasks import interrupts
 from tasks.stage import PlanEntry, WorkItem, plan
+
+
+STOP_GRACE_S = 20.0  # how long a signalled flow lets its batches reach a safe point
 
 
 def make_batches(items: Sequence[WorkItem], batch_size: int, by_video: bool = False) -> list[list[WorkItem]]:
@@ -45,22 +50,45 @@ def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1,
     entries = plan(items, ledger)
     todo = [e.item for e in entries if e.state != "done"]
     summary: dict[str, Any] = {"planned": summarize_plan(entries), "computed": 0, "adopted": 0,
-                               "skipped": len(items) - len(todo), "failed": {}, "busy": 0}
+                               "skipped": len(items) - len(todo), "failed": {}, "busy": 0, "not_started": 0,
+                               "interrupted": False}
     if not todo:
         return summary
     progress.stage_planned(mod.STAGE, len(todo))
     section = getattr(cfg.stages, getattr(mod, "CONFIG_SECTION", mod.STAGE), None)
     batch_size = getattr(section, "batch_size", 16)
-    pending = []
-    for batch in make_batches(todo, batch_size, by_video=getattr(mod, "BATCH_BY_VIDEO", False)):
-        # Bounded concurrency: wait for the oldest batch before submitting past the bound.
-        if len(pending) >= max_concurrency:
+    pending: list = []
+    batches = make_batches(todo, batch_size, by_video=getattr(mod, "BATCH_BY_VIDEO", False))
+    try:
+        for i, batch in enumerate(batches):
+            # Bounded concurrency: wait for the oldest batch before submitting past the bound.
+            if len(pending) >= max_concurrency:
+                _merge(summary, pending.pop(0).result())
+                progress.batch_finished(mod.STAGE, _finished(summary))
+            if interrupts.stop_requested():  # a stop: submit nothing more
+                summary["not_started"] += sum(len(b) for b in batches[i:])
+                break
+            pending.append(mod.stage_task.submit(cfg, batch))
+        while pending:
             _merge(summary, pending.pop(0).result())
             progress.batch_finished(mod.STAGE, _finished(summary))
-        pending.append(mod.stage_task.submit(cfg, batch))
-    for fut in pending:
-        _merge(summary, fut.result())
-        progress.batch_finished(mod.STAGE, _finished(summary))
+    except BaseException as e:
+        # SIGTERM inside a Prefect flow arrives here as Prefect's TerminationSignal (a worker's run cancelled
+        # from the UI), Ctrl-C outside the CLI as KeyboardInterrupt: stop the batches in flight at their next
+        # safe point (ledger rows flushed, claims released) before letting it through.
+        if isinstance(e, Exception):
+            raise
+        interrupts.request_stop(type(e).__name__)
+        for fut in pending:
+            with contextlib.suppress(BaseException):
+                fut.wait(timeout=STOP_GRACE_S)
+        if not interrupts.signals_handled():
+            raise
+        # The CLI owns the signals (SIGTERM still reaches it through Prefect's bridge): end with a summary.
+        for fut in pending:
+            with contextlib.suppress(BaseException):
+                _merge(summary, fut.result(timeout=0))
+    summary["interrupted"] = interrupts.stop_requested()
     return summary
 
 
@@ -73,3 +101,4 @@ def _merge(summary: dict[str, Any], result: dict[str, Any]) -> None:
     summary["adopted"] += len(result.get("adopted", []))
     summary["failed"].update(result.get("failed", {}))
     summary["busy"] += len(result.get("busy", []))
+    summary["not_started"] += len(result.get("not_started", []))

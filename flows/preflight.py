@@ -186,21 +186,30 @@ def answer_without_prefect(cfg, only: set[str] | None = None) -> dict[str, Any] 
 
 
 def run_pipeline(config_path: str | os.PathLike, overrides: dict[str, Any] | None = None,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, detached_server: bool = False) -> dict[str, Any]:
     """The whole pipeline for a config: answered from the plan when there is nothing to do, else the Prefect flow
-    (with progress bars when `progress`)."""
+    (with progress bars when `progress`; with `detached_server`, a temporary Prefect server that a Ctrl-C in the
+    terminal does not kill, flows.server)."""
+    import contextlib
+
+    from tasks import interrupts
     from tasks.config import load_config
 
     cfg = load_config(config_path, overrides or None)
     summary = answer_without_prefect(cfg)
     if summary is not None:
         return summary
+    if interrupts.stop_requested():
+        return {"catalog": {}, "interrupted": True}
     from flows.pipeline import pipeline_flow
     from flows.progress import show_progress
+    from flows.server import temporary_server
 
     _caller_planned.value = True
     try:
-        with show_progress(progress):
+        with temporary_server() if detached_server else contextlib.nullcontext(), show_progress(progress):
+            if interrupts.stop_requested():  # stopped while the server started
+                return {"catalog": {}, "interrupted": True}
             return pipeline_flow(str(config_path), overrides or None)
     finally:
         _caller_planned.value = False

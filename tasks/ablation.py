@@ -52,7 +52,7 @@ def run_stage_locally(mod: ModuleType, cfg, catalog, ledger: Ledger) -> dict[str
     if todo:
         result = mod.run_batch(cfg, todo, store, ledger)
         summary.update(computed=len(result.computed), adopted=len(result.adopted), failed=dict(result.failed),
-                       busy=len(result.busy))
+                       busy=len(result.busy), not_started=len(result.not_started), interrupted=result.interrupted)
     return summary
 
 

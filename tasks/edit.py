@@ -53,7 +53,7 @@ from storage.artifacts import ArtifactWriter
 from storage.files import atomic_path
 from tasks import audio as audio_stage
 from tasks import depth as depth_stage
-from tasks import diffusion
+from tasks import diffusion, interrupts
 from tasks import finetune as finetune_stage
 from tasks import inversion as inversion_stage
 from tasks import masks as masks_stage
@@ -194,6 +194,7 @@ def edit_latents(
     m = mask.expand(rows, *mask.shape[1:]) if mask is not None else None
 
     def out(x, t, w):
+        interrupts.check()  # a safe point: every window of every step
         idx = w.index(x.device)
         down = mid = None
         if controlnet is not None:

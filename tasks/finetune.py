@@ -51,7 +51,7 @@ from storage.artifacts import ArtifactWriter
 from storage.files import atomic_path
 from storage.hashing import hash_file
 from tasks import audio as audio_stage
-from tasks import diffusion
+from tasks import diffusion, interrupts
 from tasks import latents as latents_stage
 from tasks.span import Span, SpanError, chunk_edges, edit_span, span_from_payload
 from tasks.stage import BatchResult, WorkItem
@@ -289,6 +289,16 @@ def train(
     autocast = torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
     num_train = len(alphas_cumprod)
     started = time.time()
+
+    def save(done: int) -> None:
+        _save_checkpoint(ckpt, {
+            "key": run_key, "step": done, "names": names, "losses": losses,
+            "trainable": {n: p.detach().cpu().clone() for n, p in zip(names, params)},
+            "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        })
+
     model.train()
     try:
         for step in range(start, s.steps):
@@ -317,15 +327,14 @@ def train(
             losses.append(float(loss.detach()))
             done = step + 1
             if ckpt is not None and done % s.checkpoint_every == 0:
-                _save_checkpoint(ckpt, {
-                    "key": run_key, "step": done, "names": names, "losses": losses,
-                    "trainable": {n: p.detach().cpu().clone() for n, p in zip(names, params)},
-                    "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                })
+                save(done)
             if callback is not None:
                 callback(done, losses[-1])
+            if interrupts.stop_requested() and done < s.steps:
+                # A stop is a safe point: checkpoint first, so the rerun resumes from this step.
+                if ckpt is not None and done % s.checkpoint_every != 0:
+                    save(done)
+                interrupts.check()
     finally:
         model.eval()
         model.release_state()

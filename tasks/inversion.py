@@ -28,7 +28,7 @@ from tasks.stage_lazy import torch  # imported on first use: planning needs no t
 
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
-from tasks import diffusion
+from tasks import diffusion, interrupts
 from tasks import latents as latents_stage
 from tasks.stage import BatchResult, WorkItem
 from tasks.stage_task import StageCachePolicy, run_logged_batch, task
@@ -117,6 +117,7 @@ def invert_latents(model, ddim, z0: torch.Tensor, prompt: torch.Tensor, trajecto
     from models.windows import WindowedModel
 
     def out(x, t, w):
+        interrupts.check()  # a safe point: every window of every step
         return model(x, t, prompt, audio=None, anchored=w.anchored).sample
 
     windowed = WindowedModel(out, z0.shape[2], window, overlap, anchor=model.config.sparse_causal_attention)

@@ -91,13 +91,17 @@ class BatchResult:
     computed: list[str] = field(default_factory=list)
     adopted: list[str] = field(default_factory=list)  # found complete in the store (e.g. after a crash)
     failed: dict[str, str] = field(default_factory=dict)
-    busy: list[str] = field(default_factory=list)  # claimed by another worker right now; it records them
+    busy: list[str] = field(default_factory=list)  # still claimed by another worker when this batch stopped waiting
+    not_started: list[str] = field(default_factory=list)  # a stop was requested before they ran (or finished)
+    interrupted: bool = False
 
     def merge(self, other: "BatchResult") -> "BatchResult":
         self.computed += other.computed
         self.adopted += other.adopted
         self.failed.update(other.failed)
         self.busy += other.busy
+        self.not_started += other.not_started
+        self.interrupted = self.interrupted or other.interrupted
         return self
 
 
@@ -123,33 +127,41 @@ def run_items(
     progress: Callable[[WorkItem, str], None] | None = None,
     rows_per_fragment: int = 64,
     claims: Claims | None = None,
+    max_wait_s: float | None = None,
 ) -> BatchResult:
     """Compute each item into its artifact; bad items are recorded as failed and skipped.
 
     Ledger rows are flushed every `rows_per_fragment` items and at the end, so a
     crash loses at most the rows of unfinished work; artifacts committed before
     a crash are adopted (not recomputed) on the next run. With `claims`, an item
-    another worker is computing right now is skipped (that worker records it).
+    another worker is computing right now is put aside and waited for once the rest
+    of the batch is done: adopted when that worker commits it, computed here if it
+    gives up (its claim released or its lease expired). `max_wait_s` (None: as long
+    as the claim holds) bounds the wait; items still claimed then are `busy`.
+
+    A stop request (tasks.interrupts) starts no further item; the item in flight is
+    dropped uncommitted at its next safe point (`Interrupted`); both are `not_started`.
     """
+    from tasks import interrupts
+
     run_id = run_id or uuid.uuid4().hex
     result, pending = BatchResult(), []
-    for item in items:
+
+    def attempt(item: WorkItem) -> str:
         started = time.time()
         claim = f"{item.artifact}@{item.key.key}"
         if store.is_complete(item.artifact, item.key.key):
             pending.append(_row(item, store, "done", started, run_id))
             result.adopted.append(item.item_id)
-            state = "adopted"
-        elif claims is not None and not claims.acquire(claim):
-            result.busy.append(item.item_id)
-            state = "busy"
-        elif store.is_complete(item.artifact, item.key.key):
-            # Another worker committed it between our check and our claim.
-            claims.release(claim)
-            pending.append(_row(item, store, "done", started, run_id))
-            result.adopted.append(item.item_id)
-            state = "adopted"
-        else:
+            return "adopted"
+        if claims is not None and not claims.acquire(claim):
+            return "busy"
+        try:
+            if store.is_complete(item.artifact, item.key.key):
+                # Another worker committed it between our check and our claim.
+                pending.append(_row(item, store, "done", started, run_id))
+                result.adopted.append(item.item_id)
+                return "adopted"
             try:
                 attrs = {"stage": item.stage, "item_id": item.item_id, "code_version": item.key.code_version}
                 with store.writing(item.artifact, item.key.key, **attrs) as writer:
@@ -160,18 +172,68 @@ def run_items(
                 log.debug("%s", traceback.format_exc())
                 pending.append(_row(item, store, "failed", started, run_id, error=msg))
                 result.failed[item.item_id] = msg
-                state = "failed"
-            else:
-                pending.append(_row(item, store, "done", started, run_id))
-                result.computed.append(item.item_id)
-                state = "computed"
-            finally:
-                if claims is not None:
-                    claims.release(claim)
+                return "failed"
+            pending.append(_row(item, store, "done", started, run_id))
+            result.computed.append(item.item_id)
+            return "computed"
+        finally:
+            if claims is not None:
+                claims.release(claim)
+
+    def finished(item: WorkItem, state: str) -> None:
+        nonlocal pending
         if progress:
             progress(item, state)
         if len(pending) >= rows_per_fragment:
             ledger.append(pending)
             pending = []
-    ledger.append(pending)
+
+    queue = list(items)
+    waiting: list[WorkItem] = []
+    try:
+        while queue:
+            if interrupts.stop_requested():
+                break
+            item = queue.pop(0)
+            try:
+                state = attempt(item)
+            except interrupts.Interrupted:
+                queue.insert(0, item)
+                break
+            if state == "busy":
+                waiting.append(item)
+            else:
+                finished(item, state)
+        # Items another worker holds: theirs to compute; wait until it commits them (or gives up).
+        deadline = None if max_wait_s is None else time.monotonic() + max_wait_s
+        pause = 0.2
+        while waiting and not queue and not interrupts.stop_requested():
+            for item in list(waiting):
+                try:
+                    state = attempt(item)
+                except interrupts.Interrupted:
+                    queue.insert(0, item)
+                    waiting.remove(item)
+                    break
+                if state != "busy":
+                    waiting.remove(item)
+                    finished(item, state)
+            if not waiting or queue or (deadline is not None and time.monotonic() >= deadline):
+                break
+            _sleep_unless_stopped(pause)
+            pause = min(pause * 1.5, 5.0)
+    finally:
+        ledger.append(pending)
+    result.busy = [it.item_id for it in waiting if not interrupts.stop_requested()]
+    result.not_started = [it.item_id for it in queue] + (
+        [it.item_id for it in waiting] if interrupts.stop_requested() else [])
+    result.interrupted = interrupts.stop_requested()
     return result
+
+
+def _sleep_unless_stopped(seconds: float) -> None:
+    from tasks import interrupts
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not interrupts.stop_requested():
+        time.sleep(min(0.1, max(0.0, end - time.monotonic())))

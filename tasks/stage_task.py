@@ -71,7 +71,7 @@ def batch_summary(result: BatchResult) -> dict[str, Any]:
     """What a Prefect task returns: small, never the data."""
     return {
         "computed": list(result.computed), "adopted": list(result.adopted), "failed": dict(result.failed),
-        "busy": list(result.busy),
+        "busy": list(result.busy), "not_started": list(result.not_started), "interrupted": bool(result.interrupted),
     }
 
 
