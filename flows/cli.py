@@ -78,9 +78,12 @@ def _run(config_path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     try:
         return run_pipeline(config_path, overrides or None, progress=_bars(), detached_server=True)
     except BaseException as e:
-        if isinstance(e, Exception) or not interrupts.stop_requested():
+        if isinstance(e, (Exception, SystemExit)):
             raise
-        return {"catalog": {}, "interrupted": True}  # a signal landed outside a stage (e.g. in Prefect's engine)
+        # KeyboardInterrupt, or SIGTERM as Prefect's TerminationSignal while its flow engine held the signal:
+        # it landed outside a stage's batches; finished work is already committed.
+        interrupts.request_stop(type(e).__name__)
+        return {"catalog": {}, "interrupted": True}
 
 
 def _summarise(summary: dict[str, Any], cfg) -> int:

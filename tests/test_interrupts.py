@@ -6,6 +6,7 @@ Prefect server, as a user's terminal would) while it fine-tunes and while it edi
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -213,7 +214,8 @@ def _wait_for(cond, proc, what: str, timeout: float = 300) -> None:
         if cond():
             return
         if proc.poll() is not None:
-            pytest.fail(f"the run ended before {what}: {proc.returncode}\n{proc.stdout.read()}\n{proc.stderr.read()[-3000:]}")
+            out = (proc.stdout.read() if proc.stdout else "") + (proc.stderr.read()[-3000:] if proc.stderr else "")
+            pytest.fail(f"the run ended before {what}: {proc.returncode}\n{out}")
         time.sleep(0.1)
     proc.kill()
     pytest.fail(f"timed out waiting for {what}")
@@ -309,3 +311,56 @@ def test_two_runs_of_one_config_at_once_both_succeed_and_compute_everything_once
         n = len(ledger.latest(stage))
         assert n > 0 and a.get(stage, 0) + b.get(stage, 0) == n, (stage, a, b)  # each artifact computed once
         assert all(r["status"] == "done" for r in ledger.latest(stage).values())
+
+
+def test_first_signal_requests_a_stop_second_exits_at_once(tmp_path):
+    script = tmp_path / "two_signals.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from tasks import interrupts\n"
+        "with interrupts.handle_signals():\n"
+        "    interrupts.on_force_exit(lambda: print('hook ran', flush=True))\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.2)\n"
+        "    print('stop requested:', interrupts.stop_requested(), interrupts.stop_reason(), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "    print('still running', flush=True)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130
+    assert r.stdout.splitlines() == ["stop requested: True SIGTERM", "hook ran"]
+    assert "stopping after the current step" in r.stderr and "stopped at once" in r.stderr
+
+
+def test_sigterm_to_a_flow_run_outside_the_cli_stops_its_batches_cleanly(tmp_path):
+    """What a worker does to a flow run cancelled from the Prefect UI: SIGTERM to the flow's process,
+    where Prefect's engine turns it into TerminationSignal. The batches stop at a safe point first."""
+    from tasks.sample_data import write_sample_data
+
+    data = write_sample_data(tmp_path / "data", videos=1, clips=1, seed=6, frames=8)
+    config = _config(tmp_path, data, "work", finetune={"steps": 80, "checkpoint_every": 2})
+    work = config.parent
+    log = (tmp_path / "flow.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import flows; "
+         f"from flows.pipeline import pipeline_flow; pipeline_flow({str(config)!r})"],
+        env=_env(tmp_path), cwd=REPO, text=True, stdout=log, stderr=log, start_new_session=True)
+    try:
+        _wait_for(lambda: any(work.rglob("*.checkpoint.pt")), proc, "fine-tuning")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # to the flow's process only, as a worker does
+        proc.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its temporary Prefect server (a worker would have a real API)
+        log.close()
+    assert time.monotonic() - t0 < 30
+    assert proc.returncode != 0  # the flow run ends as cancelled/crashed, not completed
+    assert list((work / "ledger" / "claims").iterdir()) == []  # the stopped batch released its claim
+    ledger = Ledger(work / "ledger")
+    assert ledger.latest("latents") and not ledger.latest("finetune")  # finished rows flushed, no false failure
+    ckpt = next(work.rglob("*.checkpoint.pt"))
+    import torch
+
+    assert torch.load(ckpt, weights_only=True)["step"] < 80  # stopped mid-training, checkpointed for the rerun
