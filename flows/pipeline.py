@@ -67,11 +67,12 @@ def stages_flow(config_path: str, overrides: dict[str, Any] | None = None, only:
     catalog = read_catalog(cfg.catalog_path)
     ledger = Ledger(cfg.ledger_url, cfg.storage.storage_options)
     state, planned, mods = open_state(cfg.workdir), {}, stage_modules()
-    with using(state):  # key parts memoised here let the next plan skip the model libraries
+    # One read of the ledger for the whole run: planning and the cache policy share the view.
+    with using(state), ledger.view() as view:  # key parts memoised here let the next plan skip the model libraries
         for mod in mods:
             if only is not None and mod.STAGE not in only:
                 continue
-            summary[mod.STAGE] = run_stage(mod, cfg, catalog, ledger, max_concurrency=cfg.execution.max_concurrency,
+            summary[mod.STAGE] = run_stage(mod, cfg, catalog, view, max_concurrency=cfg.execution.max_concurrency,
                                            planned=planned)
             logger.info("%s: %s", mod.STAGE, {k: v for k, v in summary[mod.STAGE].items() if k != "failed"})
             for item, err in summary[mod.STAGE]["failed"].items():

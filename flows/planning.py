@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from flows import progress
-from storage import Ledger
+from storage import Ledger, LedgerView
 from tasks import interrupts
 from tasks.stage import PlanEntry, WorkItem, plan
 
@@ -35,10 +35,12 @@ def summarize_plan(entries: Sequence[PlanEntry]) -> dict[str, int]:
     return counts
 
 
-def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1,
+def run_stage(mod, cfg, catalog, ledger: Ledger | LedgerView, max_concurrency: int = 1,
               planned: dict[str, Any] | None = None) -> dict[str, Any]:
     """Plan one stage from the ledger and submit one Prefect task per batch of its todo items.
 
+    ledger: the run's view (`Ledger.view()`: read once per run, shared with the cache policy), or a ledger
+    (read once for this stage). Every `fan_in` finished batches, the view runs a bounded compaction step.
     planned: when given, gets the stage's planned keys (`flows.plancache` table)."""
     items = mod.work_items(cfg, catalog)
     if planned is not None:
@@ -47,7 +49,12 @@ def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1,
         from flows.plancache import SCHEMA, rows_of
 
         planned[mod.STAGE] = pa.table(rows_of(items), schema=SCHEMA)
-    entries = plan(items, ledger)
+    if isinstance(ledger, LedgerView):
+        view = ledger
+        view.refresh()  # what other processes wrote since: only their new fragments
+    else:
+        view = LedgerView(ledger)
+    entries = plan(items, view)
     todo = [e.item for e in entries if e.state != "done"]
     summary: dict[str, Any] = {"planned": summarize_plan(entries), "computed": 0, "adopted": 0,
                                "skipped": len(items) - len(todo), "failed": {}, "busy": 0, "not_started": 0,
@@ -65,6 +72,7 @@ def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1,
             if len(pending) >= max_concurrency:
                 _merge(summary, pending.pop(0).result())
                 progress.batch_finished(mod.STAGE, _finished(summary))
+                view.batch_finished()
             if interrupts.stop_requested():  # a stop: submit nothing more
                 summary["not_started"] += sum(len(b) for b in batches[i:])
                 break
@@ -72,6 +80,7 @@ def run_stage(mod, cfg, catalog, ledger: Ledger, max_concurrency: int = 1,
         while pending:
             _merge(summary, pending.pop(0).result())
             progress.batch_finished(mod.STAGE, _finished(summary))
+            view.batch_finished()
     except BaseException as e:
         # SIGTERM inside a Prefect flow arrives here as Prefect's TerminationSignal (a worker's run cancelled
         # from the UI), Ctrl-C outside the CLI as KeyboardInterrupt: stop the batches in flight at their next
@@ -102,3 +111,16 @@ def _merge(summary: dict[str, Any], result: dict[str, Any]) -> None:
     summary["failed"].update(result.get("failed", {}))
     summary["busy"] += len(result.get("busy", []))
     summary["not_started"] += len(result.get("not_started", []))
+    _forget(result)
+
+
+def _forget(result: Any) -> None:
+    """Prefect links each task result (and its members) to its task run's state until the flow ends, to track
+    dependencies; a batch summary is never passed on, so drop those links (a grid has thousands of batches)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    links = getattr(ctx, "run_results", None)
+    if isinstance(links, dict):
+        for obj in (result, *result.values()) if isinstance(result, dict) else (result,):
+            links.pop(id(obj), None)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "ArtifactStore": "storage.artifacts",
     "Ledger": "storage.ledger",
+    "LedgerView": "storage.ledger",
     "StageKey": "storage.keys",
     "canonical_json": "storage.hashing",
     "hash_bytes": "storage.hashing",
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from storage.artifacts import ArtifactStore
     from storage.hashing import canonical_json, hash_bytes, hash_file, hash_params
     from storage.keys import StageKey
-    from storage.ledger import Ledger
+    from storage.ledger import Ledger, LedgerView
 
 
 def __getattr__(name: str):

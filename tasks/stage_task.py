@@ -129,6 +129,8 @@ class StageCachePolicy:
     records every item done under exactly that key, so a cached Prefect result can
     never stand in for work that failed, was never recorded, or was lost with a
     wiped ledger (the task then runs, and adopts what the store already holds).
+    During a run the ledger is the run's `LedgerView` (read at plan time, then each
+    row this process appends): a dict lookup, never a read per batch.
     Plain Python until a task is built: `prefect_policy()` is the Prefect CachePolicy.
     """
 
@@ -143,15 +145,13 @@ class StageCachePolicy:
         if not items or cfg is None:
             return None
         try:
-            ledger = Ledger(cfg.ledger_url, cfg.storage.storage_options)
-            stages = {it.stage for it in items}
-            latest = {s: ledger.latest(s) for s in stages}
+            # Inside a run: a lookup in the run's ledger view; elsewhere only these items' rows are read.
+            done = Ledger(cfg.ledger_url, cfg.storage.storage_options).done_under(
+                (it.stage, it.item_id, it.key.key) for it in items)
         except Exception:
             return None  # no ledger to trust: always run
-        for it in items:
-            row = latest[it.stage].get(it.item_id)
-            if row is None or row["status"] != "done" or row["key"] != it.key.key:
-                return None
+        if not done:
+            return None
         return hash_params({"stage_batch": sorted(f"{it.stage}/{it.item_id}/{it.key.key}" for it in items)})
 
 
