@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["planning", "incremental", "grid", "zarr", "audio", "unet3d", "xmem", "video", "diffusion", "windows"]
+BENCHES = ["planning", "incremental", "grid", "orchestration", "zarr", "audio", "unet3d", "xmem", "video", "diffusion",
+           "windows"]
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import contextlib
 import socket
@@ -30,6 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+log = logging.getLogger("audioscenic")
 
 SCHEMA = pa.schema(
     [
@@ -519,7 +522,10 @@ class LedgerView:
             self._batches += 1
             if self._batches % self.fan_in:
                 return
-        self.compact_step()
+        try:
+            self.compact_step()
+        except Exception as e:  # upkeep: a failed merge leaves its fragments as they were, and the run goes on
+            log.warning("ledger compaction step failed (the next one retries): %s: %s", type(e).__name__, e)
 
     def compact_step(self) -> list[tuple[list[str], str]]:
         merges = self.ledger.compact_step(self.fan_in)
