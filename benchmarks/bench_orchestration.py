@@ -79,6 +79,7 @@ def child(grid: str, root: Path) -> dict:
     import yaml
 
     import flows.pipeline as pipeline
+    import flows.planning as planning
     from storage.ledger import Ledger, LedgerView
 
     global GRID
@@ -96,20 +97,42 @@ def child(grid: str, root: Path) -> dict:
         return real_read(self, *a, **kw)
 
     Ledger.read = counted
-    samples: list[tuple[int, float]] = []  # (batches finished, RSS MiB), every 64 batches
+    # (batches finished, RSS MiB) every 64 batches, between compaction steps (a merge's buffers come and go)
+    samples: list[tuple[int, float]] = []
     real_finished = LedgerView.batch_finished
 
     def sampled(self):
         real_finished(self)
-        if self._batches % 64 == 0:
+        if self._batches % 64 == 40:
             samples.append((self._batches, rss_mib()))
+
+    timings = {"work_items_s": 0.0, "plan_s": 0.0}
+    real_plan = planning.plan
+
+    def timed_plan(items, ledger):
+        t = time.perf_counter()
+        try:
+            return real_plan(items, ledger)
+        finally:
+            timings["plan_s"] += time.perf_counter() - t
+
+    real_items = me.work_items
+
+    def timed_items(cfg, catalog):
+        t = time.perf_counter()
+        try:
+            return real_items(cfg, catalog)
+        finally:
+            timings["work_items_s"] += time.perf_counter() - t
+
+    planning.plan, me.work_items = timed_plan, timed_items
 
     LedgerView.batch_finished = sampled
     rss0 = rss_mib()
     cpu0, t0 = cpu_s(), time.perf_counter()
     summary = pipeline.stages_flow(str(config))
     wall, cpu = time.perf_counter() - t0, cpu_s() - cpu0
-    Ledger.read, LedgerView.batch_finished = real_read, real_finished
+    Ledger.read, LedgerView.batch_finished, planning.plan, me.work_items = real_read, real_finished, real_plan, real_items
     n = videos * clips
     assert summary[STAGE]["computed"] == n and not summary[STAGE]["failed"], summary[STAGE]
     ledger = Ledger(root / "work" / "ledger")
@@ -117,11 +140,15 @@ def child(grid: str, root: Path) -> dict:
     rows = ledger.read(stage=STAGE, status="done")
     assert len(set(rows["item_id"].to_pylist())) == n
     work = float(sum(d or 0.0 for d in rows["duration_s"].to_pylist()))
-    # RSS growth while batches finish (after the first quarter: planning's structures are all built by then)
+    # RSS growth while batches finish: least-squares slope over the samples after the first quarter
     tail = samples[len(samples) // 4:]
-    growth = (1e3 * (tail[-1][1] - tail[0][1]) / (tail[-1][0] - tail[0][0])) if len(tail) > 1 else None
-    return {"grid": grid, "items": n, "batches": samples[-1][0] if samples else None,
+    growth = None
+    if len(tail) > 2:
+        mb, mr = sum(b for b, _ in tail) / len(tail), sum(r for _, r in tail) / len(tail)
+        growth = 1e3 * sum((b - mb) * (r - mr) for b, r in tail) / sum((b - mb) ** 2 for b, _ in tail)
+    return {"grid": grid, "items": n, "batches": -(-n // 16),
             "wall_s": round(wall, 2), "per_item_ms": round(1e3 * wall / n, 3),
+            "work_items_s": round(timings["work_items_s"], 2), "plan_s": round(timings["plan_s"], 2),
             "flow_cpu_per_item_ms": round(1e3 * cpu / n, 3),
             "overhead_per_item_ms": round(1e3 * (wall - work) / n, 3), "stage_work_per_item_ms": round(1e3 * work / n, 3),
             "ledger_fragments_after": fragments, "ledger_reads_in_flow_process": reads["n"],
