@@ -321,6 +321,9 @@ class ExecutionConfig(_Strict):
     # or "local" for a local cluster of `dask_workers` processes. None: Prefect's default runner.
     dask_address: str | None = None
     dask_workers: int = Field(2, gt=0)
+    # Work claims are leases renewed while an item is computed: a dead worker's items go to
+    # another worker once its lease lapses (storage.claims).
+    claim_lease_s: float = Field(300.0, gt=0)
 
 
 class Config(_Strict):

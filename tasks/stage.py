@@ -221,7 +221,7 @@ def run_items(
             if not waiting or queue or (deadline is not None and time.monotonic() >= deadline):
                 break
             _sleep_unless_stopped(pause)
-            pause = min(pause * 1.5, 5.0)
+            pause = min(pause * 1.5, 5.0, getattr(claims, "lease_s", 15.0) / 3)  # notice a lapsed lease soon
     finally:
         ledger.append(pending)
     result.busy = [it.item_id for it in waiting if not interrupts.stop_requested()]
