@@ -26,14 +26,19 @@ def _console():
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
-    import yaml
+    """--set key=value pairs, each value read as YAML (no aliases); bad usage exits 2 at once, as argparse does."""
+    from tasks.config import ConfigError, parse_yaml
 
     out = {}
-    for p in pairs or []:
-        if "=" not in p:
-            raise SystemExit(f"--set expects key=value, got {p!r}")
-        k, v = p.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+    try:
+        for p in pairs or []:
+            if "=" not in p:
+                raise ConfigError(f"--set expects key=value, got {p!r}")
+            k, v = p.split("=", 1)
+            out[k.strip()] = parse_yaml(v, f"--set {k.strip()}")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
     return out
 
 
