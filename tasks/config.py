@@ -165,7 +165,8 @@ QUICK_STAGES: dict[str, dict[str, Any]] = {
     "windows": {"window": 8, "overlap": 2},
 }
 
-_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# At most 64 characters: a variant name is part of file names (outputs/, the report's images).
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 # The paper's ablations (Table 2) plus the Magnitude Modulator and the Frequency Fuser
 # outside SceneMasker: name -> U-Net switch overrides (models.unet3d.UNet3DConfig
 # fields). "full" is the method itself.
@@ -220,9 +221,9 @@ class FinetuneStageConfig(_Strict):
     @field_validator("variants")
     @classmethod
     def _names(cls, value: list[str]) -> list[str]:
-        bad = [v for v in value if not _VARIANT_NAME.match(v)]
+        bad = [v for v in value if not _VARIANT_NAME.fullmatch(v)]
         if bad:
-            raise ValueError(f"variant names must be path segments (letters, digits, _ . -): {bad}")
+            raise ValueError(f"variant names must be path segments of at most 64 letters, digits, _ . -: {bad}")
         if len(set(value)) != len(value):
             raise ValueError(f"variants listed twice: {value}")
         return value
@@ -341,9 +342,9 @@ class Config(_Strict):
     @field_validator("variants")
     @classmethod
     def _variant_names(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        bad = [k for k in value if not _VARIANT_NAME.match(k)]
+        bad = [k for k in value if not _VARIANT_NAME.fullmatch(k)]
         if bad:
-            raise ValueError(f"variant names must be path segments (letters, digits, _ . -): {bad}")
+            raise ValueError(f"variant names must be path segments of at most 64 letters, digits, _ . -: {bad}")
         return value
 
     # -- derived locations -------------------------------------------------
@@ -477,7 +478,7 @@ def _one_line_mark(e: yaml.MarkedYAMLError) -> str:
 def parse_yaml(text: str, source: str) -> Any:
     """YAML text -> plain data (no Python objects, anchors or aliases); errors are one-line ConfigErrors naming `source`."""
     try:
-        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+        return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass
     except _Refused as e:
         raise ConfigError(f"{source}: {_one_line_mark(e)}") from None
     except yaml.YAMLError as e:
