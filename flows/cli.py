@@ -144,13 +144,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    from flows.single_edit import deliver, prepare
+    from flows.single_edit import check_output, deliver, prepare
     from storage import ArtifactStore
     from tasks import edit as edit_stage
     from tasks.catalog import read_catalog
     from tasks.config import ConfigError, load_config
 
     try:
+        output = check_output(args.output)  # bad usage is found now, not after minutes of work
         job = prepare(args.video, args.audio, args.config, args.workdir, args.source_audio, args.variant,
                       _parse_sets(args.set))
         cfg = load_config(job.config_path)
@@ -160,7 +161,12 @@ def cmd_edit(args) -> int:
         return EXIT_USAGE
     print(f"editing video {job.video_id} with clip {job.audio_id} (fine-tuned with {job.source_id}, "
           f"variant {job.variant}); workdir {cfg.workdir}")
-    code = _summarise(_run(job.config_path, {}), cfg)
+    summary = _run(job.config_path, {})
+    _summarise(summary, cfg)
+    # The grid is this one pair, so every stage failure is this edit's; catalog errors are not
+    # (files another edit linked into the shared workdir meanwhile).
+    own_failures = any(s.get("failed") for stage, s in summary.items()
+                       if stage not in ("catalog", "report") and isinstance(s, dict))
     items = [it for it in edit_stage.work_items(cfg, read_catalog(cfg.catalog_path))
              if (it.video_id, it.audio_id, it.variant) == (job.video_id, job.audio_id, job.variant)]
     store = ArtifactStore(cfg.store_url, cfg.storage.storage_options)
@@ -173,8 +179,8 @@ def cmd_edit(args) -> int:
         print(f"error: the edit is stored but has no MP4 (stages.edit.write_mp4 is off?): {items[0].artifact}",
               file=sys.stderr)
         return EXIT_ITEMS_FAILED
-    print(f"edit: {deliver(Path(mp4), args.output)}")
-    return code
+    print(f"edit: {deliver(Path(mp4), output)}")
+    return EXIT_ITEMS_FAILED if own_failures else EXIT_OK
 
 
 def cmd_status(args) -> int:
