@@ -177,7 +177,8 @@ def test_an_edit_after_a_rejected_input_succeeds_with_a_long_name(prefect_server
     assert _edit(frames, long_audio, work, out, *QUICK) == 0
     captured = capsys.readouterr()
     assert "zero.wav" not in captured.out + captured.err
-    assert "0 left out" in captured.out and f"edit: {out}" in captured.out
+    assert "0 left out" in captured.out and f"edit: {out}" in captured.out  # the catalog met no bad input
+    assert _catalog_errors(work) == []
     assert out.stat().st_size > 0
     assert [p.name for p in (work / "inputs" / "audio").iterdir()] == [long_audio.name]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left
