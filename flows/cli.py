@@ -116,9 +116,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import yaml
-
-    from tasks.config import load_config
+    from tasks.config import dump_yaml, load_config
     from tasks.sample_data import write_sample_data
 
     t0 = time.time()
@@ -128,7 +126,7 @@ def cmd_demo(args) -> int:
     if not (data / "davis").exists() or not (data / "esc50").exists():
         write_sample_data(data, videos=args.videos, clips=args.clips, seed=args.seed)
     config_path = workdir / "demo.yaml"
-    config_path.write_text(yaml.safe_dump(demo_config(workdir), sort_keys=False))
+    config_path.write_text(dump_yaml(demo_config(workdir)))
     cfg = load_config(config_path)
     summary = _run(config_path, {})
     code = _summarise(summary, cfg)

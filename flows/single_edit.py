@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from storage.files import NAME_MAX, atomic_path, bounded_name, temp_name
 from tasks.config import (
     QUICK_STAGES,
     ConfigError,
     apply_overrides,
     config_from_dict,
+    dump_yaml,
     load_config,
 )
 
@@ -220,7 +219,7 @@ def prepare(video: str, audio: str, config: str | None = None, workdir: str | No
     config_from_dict(data, work, "edit")  # validate before writing
     path = work / bounded_name(f"edit-{vid}-{aid}-{chosen}", ".yaml")  # ids can be long: hash-shortened then
     with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+        tmp.write_text(dump_yaml(data))
     return SingleEdit(path, vid, aid, sid, chosen)
 
 

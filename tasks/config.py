@@ -486,6 +486,16 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: not valid YAML ({detail})") from None
 
 
+class _PlainDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # an object met twice is written out twice: the loader above refuses aliases
+
+
+def dump_yaml(data: Any) -> str:
+    """Config data as YAML that `parse_yaml` reads back (never an anchor or alias, key order kept)."""
+    return yaml.dump(data, Dumper=_PlainDumper, sort_keys=False)
+
+
 def read_config_file(path: str | Path) -> Any:
     """The parsed YAML of a config file: a regular file of at most MAX_CONFIG_BYTES of UTF-8."""
     path = Path(path)

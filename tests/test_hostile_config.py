@@ -103,7 +103,7 @@ def test_billion_laughs_is_refused_everywhere_within_a_second(tmp_path, capsys):
 def test_billion_laughs_through_the_console_script(tmp_path):
     config = tmp_path / "bomb.yaml"
     config.write_text(_document(("storage", "storage_options", "x")))
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(config)], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(config)], cwd=REPO, check=False,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"error: {config}: line 3,") and done.stderr.count("\n") == 1, done.stderr
@@ -158,3 +158,14 @@ def test_a_config_without_catalogs_is_exit_2(tmp_path, capsys, text):
 def test_shipped_configs_still_load():
     for name in ("demo.yaml", "paper.yaml"):
         assert load_config(REPO / "configs" / name).catalogs.videos
+
+
+def test_configs_the_tool_writes_load_back(tmp_path):
+    from tasks.config import dump_yaml
+
+    subset = {"videos": ["v"]}
+    data = {"catalogs": {"audio": [{"kind": "folder", "root": "a"}]}, "grid": {"subsets": {"x": subset, "y": subset}}}
+    assert "&id" in yaml.safe_dump(data)  # one object twice: safe_dump writes an alias, which is refused
+    config = tmp_path / "c.yaml"
+    config.write_text(dump_yaml(data))
+    assert load_config(config).grid.subsets["y"].videos == ["v"]
