@@ -538,7 +538,9 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> d
     for dotted, value in (overrides or {}).items():
         node = data
         parts = dotted.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node[parts[-1]] = value
     return data

@@ -121,6 +121,8 @@ def test_aliases_in_set_values_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["status", str(config), "--set", "no-equals-sign"])
     assert e.value.code == 2 and "--set expects key=value" in capsys.readouterr().err
+    assert main(["run", str(config), "--set", "catalogs.audio.root=x"]) == 2  # audio is a list
+    assert "--set catalogs.audio.root: catalogs.audio is a value, not a section" in capsys.readouterr().err
 
 
 def test_oversized_deep_and_binary_configs(tmp_path, capsys):
