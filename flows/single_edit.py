@@ -10,6 +10,7 @@ from the given config (or the tiny demo settings without one).
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import re
 import shutil
@@ -39,32 +40,42 @@ class SingleEdit:
 
 
 def check_output(given: str | os.PathLike) -> Path:
-    """The MP4 path the edit will write, checked before any work: not a folder, in an existing
-    writable folder, a name the filesystem takes. Errors are one-line ConfigErrors naming it."""
+    """The MP4 path the edit will write, checked before any work: not a folder, names the filesystem
+    takes, and a writable folder to write it in. Missing folders are fine (the delivery creates them,
+    as `mkdir -p`): they are checked against the nearest folder that exists. Errors are one-line
+    ConfigErrors naming the path."""
     out = Path(given).expanduser().absolute()
-    parent = out.parent
+    base = out.parent
     try:
-        missing = None if parent.is_dir() else "is not a folder" if parent.exists() else "does not exist"
-    except OSError as e:  # e.g. a folder name over the limit
-        missing = f"cannot be checked ({e.strerror or e})"
-    if missing:
-        raise ConfigError(f"-o {out}: its folder {parent} {missing}")
-    try:
-        limit = os.pathconf(parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = NAME_MAX
-    if len(os.fsencode(out.name)) > limit:  # before any stat of `out`, which would fail on it
-        raise ConfigError(f"-o {out}: the file name is {len(os.fsencode(out.name))} bytes; "
-                          f"the filesystem of {parent} takes at most {limit}")
-    try:
-        is_dir = out.is_dir()
+        while not _exists(base):
+            base = base.parent
+        not_folder = not base.is_dir()
     except OSError as e:
         raise ConfigError(f"-o {out}: cannot be checked ({e.strerror or e})") from None
-    if is_dir:
+    if not_folder:
+        raise ConfigError(f"-o {out}: {base} is not a folder")
+    try:
+        limit = os.pathconf(base, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = NAME_MAX
+    for name in out.relative_to(base).parts:  # before any stat of `out`, which would fail on a long name
+        if len(os.fsencode(name)) > limit:
+            raise ConfigError(f"-o {out}: the name {name[:24]}... is {len(os.fsencode(name))} bytes; "
+                              f"the filesystem of {base} takes at most {limit}")
+    if base == out.parent and out.is_dir():
         raise ConfigError(f"-o {out}: is a folder; give the path of the MP4 to write")
-    if not os.access(parent, os.W_OK | os.X_OK) or not _can_create_in(parent):
-        raise ConfigError(f"-o {out}: its folder {parent} is not writable")
+    if not os.access(base, os.W_OK | os.X_OK) or not _can_create_in(base):
+        raise ConfigError(f"-o {out}: folder {base} is not writable")
     return out
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return False  # cannot exist; the name check reports it
+        raise
 
 
 def _can_create_in(folder: Path) -> bool:

@@ -38,25 +38,26 @@ def _catalog_errors(work) -> list[dict]:
     return [i for i in issues if i["severity"] == "error"]
 
 
-@pytest.mark.parametrize("case", ["folder", "no_parent", "parent_is_file", "name_too_long", "proc", "no_access"])
+@pytest.mark.parametrize("case", ["folder", "under_a_file", "name_too_long", "folder_name_too_long", "proc",
+                                  "no_access", "no_access_above"])
 def test_bad_output_is_exit_2_before_any_work(media, tmp_path, capsys, monkeypatch, case):
     frames, clips = media
     (tmp_path / "file").write_text("")
+    (tmp_path / "ro").mkdir()
     out, needle = {
         "folder": (tmp_path, "is a folder"),
-        "no_parent": (tmp_path / "absent" / "e.mp4", f"its folder {tmp_path / 'absent'} does not exist"),
-        "parent_is_file": (tmp_path / "file" / "e.mp4", "is not a folder"),
-        "name_too_long": (tmp_path / ("e" * 252 + ".mp4"), "the file name is 256 bytes; the filesystem of"),
+        "under_a_file": (tmp_path / "file" / "sub" / "e.mp4", f"{tmp_path / 'file'} is not a folder"),
+        "name_too_long": (tmp_path / ("e" * 252 + ".mp4"), "is 256 bytes; the filesystem of"),
+        "folder_name_too_long": (tmp_path / ("d" * 256) / "e.mp4", "is 256 bytes; the filesystem of"),
         # Not writable even for root (tests here run as root, whom permission bits do not stop):
         # os.access says yes for root, the probe file cannot be created.
-        "proc": (Path("/proc/edit.mp4"), "its folder /proc is not writable"),
-        # A folder whose permissions refuse the user (simulated: as root a chmod would not bind).
-        "no_access": (tmp_path / "ro" / "e.mp4", f"its folder {tmp_path / 'ro'} is not writable"),
+        "proc": (Path("/proc/edit.mp4"), "folder /proc is not writable"),
+        # Permissions that refuse the user (simulated: as root a chmod would not bind).
+        "no_access": (tmp_path / "ro" / "e.mp4", f"folder {tmp_path / 'ro'} is not writable"),
+        "no_access_above": (tmp_path / "ro" / "new" / "e.mp4", f"folder {tmp_path / 'ro'} is not writable"),
     }[case]
-    if case == "no_access":
-        (tmp_path / "ro").mkdir()
-        real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(tmp_path / "ro") else real(p, mode, **kw))
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: str(p) != str(tmp_path / "ro") and real(p, mode, **kw))
     work = tmp_path / "work"
     assert _edit(frames, clips[0], work, out) == 2
     err = capsys.readouterr().err
@@ -66,7 +67,8 @@ def test_bad_output_is_exit_2_before_any_work(media, tmp_path, capsys, monkeypat
 
 def test_check_output_takes_a_writable_new_file(tmp_path):
     assert check_output(tmp_path / "new.mp4") == tmp_path / "new.mp4"
-    assert list(tmp_path.iterdir()) == []  # the writability probe leaves nothing
+    assert check_output(tmp_path / "a" / "b" / "new.mp4") == tmp_path / "a" / "b" / "new.mp4"  # made on delivery
+    assert list(tmp_path.iterdir()) == []  # the check creates nothing (its probe file is gone)
     assert check_output(tmp_path / ("e" * 251 + ".mp4")).name.endswith(".mp4")  # 255 bytes: legal
 
 
