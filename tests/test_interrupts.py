@@ -261,8 +261,8 @@ def test_ctrl_c_during_finetuning_and_editing_stops_cleanly_and_the_rerun_resume
     from tasks.sample_data import write_sample_data
 
     data = write_sample_data(tmp_path / "data", videos=1, clips=2, seed=4, frames=8)
-    config = _config(tmp_path, data, "work", finetune={"steps": 80, "checkpoint_every": 2},
-                     inversion={"steps": 30})
+    config = _config(tmp_path, data, "work", finetune={"steps": 50, "checkpoint_every": 2},
+                     inversion={"steps": 20})
     work, env = config.parent, _env(prefect_home)
 
     # 1. Ctrl-C while fine-tuning (its checkpoint file shows it is under way).
