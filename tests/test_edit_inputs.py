@@ -16,17 +16,14 @@ from PIL import Image
 from flows.cli import main
 from flows.single_edit import check_output, prepare
 from tasks.config import ConfigError
-from tasks.sample_data import write_sample_data
+from tests.media_factory import edit_media
 
 QUICK = ["--set", "stages.finetune.steps=2", "--set", "stages.inversion.steps=2"]
 
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
-    data = write_sample_data(tmp_path_factory.mktemp("edit-inputs"), videos=1, clips=2, seed=5, frames=8)
-    frames = data.davis_root / "JPEGImages" / "480p" / data.videos[0]
-    clips = sorted((data.esc50_root / "audio").glob("*.wav"))
-    return frames, clips
+    return edit_media(tmp_path_factory.mktemp("edit-inputs"), clips=2, seed=5)
 
 
 def _edit(frames, audio, work, out, *extra):
