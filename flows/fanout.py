@@ -143,8 +143,10 @@ class Children:
             self.runs[video][-1] = fr
             if state in ("RUNNING", "PENDING") and self.lost_after_s is not None:
                 last = max(t for t in (seen.get(fr.id), fr.state.timestamp) if t is not None)
-                if (now - last).total_seconds() > self.lost_after_s:
-                    self._crash(fr, f"no heartbeat for {self.lost_after_s:.0f}s (last {last.isoformat()})")
+                # Pending: taken by a worker, not started yet (no heartbeats); a busy machine may take a while.
+                bound = self.lost_after_s * (1 if state == "RUNNING" else 2)
+                if (now - last).total_seconds() > bound and self._crash(
+                        fr, f"{state.lower()}, no heartbeat for {bound:.0f}s (last sign {last.isoformat()})"):
                     state = "CRASHED"
             if state not in FINAL:
                 continue
@@ -178,11 +180,13 @@ class Children:
             return {}
         return {UUID(ev.resource.id.rsplit(".", 1)[1]): ev.occurred for ev in page.events}
 
-    def _crash(self, fr, why: str) -> None:
+    def _crash(self, fr, why: str) -> bool:
+        """Mark a lost child Crashed; not forced, so a child that reached a final state meanwhile keeps it."""
         from prefect.states import Crashed
 
         self.logger.warning("video child run %s is lost (%s): marking it Crashed", fr.name, why)
-        self.client.set_flow_run_state(fr.id, Crashed(message=f"lost: {why} (marked by its fan-out parent)"), force=True)
+        result = self.client.set_flow_run_state(fr.id, Crashed(message=f"lost: {why} (marked by its fan-out parent)"))
+        return getattr(result.status, "value", str(result.status)).upper() == "ACCEPT"
 
     def cancel_pending(self) -> None:
         from prefect.states import Cancelling

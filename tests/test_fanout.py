@@ -94,8 +94,11 @@ class _FakeClient:
             for i, t in self.heartbeats.items() if str(i) in wanted])
 
     def set_flow_run_state(self, run_id, state, force=False):
+        if self.runs[run_id].state.type.value in fanout.FINAL and not force:
+            return SimpleNamespace(status=SimpleNamespace(value="ABORT"))  # as the server: final stays final
         self.forced.append((run_id, state.type.value, force))
         self.runs[run_id].state = self.state(state.type.value)
+        return SimpleNamespace(status=SimpleNamespace(value="ACCEPT"))
 
 
 @pytest.fixture
@@ -147,7 +150,7 @@ def test_a_silent_child_is_declared_lost_and_started_again(children):
     assert kids.pending() == ["bear"] and not client.forced
     client.heartbeats[first.id] = datetime.now(timezone.utc) - timedelta(seconds=60)
     kids.poll()  # silent for longer than lost_after_s: Crashed, and a second run of the video
-    assert client.forced == [(first.id, "CRASHED", True)]
+    assert client.forced == [(first.id, "CRASHED", False)]
     assert [r.name for r in kids.runs["bear"]] == ["bear", "bear-attempt-2"]
     assert submitted[-1][1] == "parent:bear:2"
     second = kids.runs["bear"][-1]
@@ -160,6 +163,9 @@ def test_a_silent_child_is_declared_lost_and_started_again(children):
 def test_a_pending_run_whose_worker_vanished_is_lost_too(children):
     kids, client, _ = children
     kids.submit("bear")
+    client.set(kids.runs["bear"][-1], "PENDING", ago_s=60)  # a slow start: not lost yet (2 x lost_after_s)
+    kids.poll()
+    assert len(kids.runs["bear"]) == 1
     client.set(kids.runs["bear"][-1], "PENDING", ago_s=100)  # taken by a worker that never started it
     kids.poll()
     assert len(kids.runs["bear"]) == 2 and kids.pending() == ["bear"]
