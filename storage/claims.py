@@ -49,6 +49,7 @@ class Claims:
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
         self._held: dict[str, str] = {}  # name -> claim path, while this worker holds it
         self._lock = threading.Lock()
+        self._write = threading.Lock()  # a renewal's read-then-write and a release never interleave
         self._renewer: threading.Thread | None = None
         self._wake = threading.Event()
 
@@ -108,13 +109,14 @@ class Claims:
         return True
 
     def release(self, name: str) -> None:
-        with self._lock:
-            self._held.pop(name, None)
-        path = self._path(name)
-        info = self._read(path)
-        if info is not None and info.get("token") == self.owner["token"]:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(path)
+        with self._write:
+            with self._lock:
+                self._held.pop(name, None)
+            path = self._path(name)
+            info = self._read(path)
+            if info is not None and info.get("token") == self.owner["token"]:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(path)
 
     def holds(self, name: str) -> bool:
         info = self._read(self._path(name))
@@ -127,14 +129,18 @@ class Claims:
         with self._lock:
             held = dict(self._held)
         for name, path in held.items():
-            info = self._read(path)
-            if info is None or info.get("token") != self.owner["token"]:
-                log.warning("claim on %s was taken over by another worker (lease lapsed)", name)
+            with self._write:  # else a release between this read and the write would leave the claim behind
                 with self._lock:
-                    self._held.pop(name, None)
-                continue
-            with contextlib.suppress(OSError):
-                self.fs.pipe_file(path, self._body(name))
+                    if name not in self._held:
+                        continue  # released meanwhile
+                info = self._read(path)
+                if info is None or info.get("token") != self.owner["token"]:
+                    log.warning("claim on %s was taken over by another worker (lease lapsed)", name)
+                    with self._lock:
+                        self._held.pop(name, None)
+                    continue
+                with contextlib.suppress(OSError):
+                    self.fs.pipe_file(path, self._body(name))
 
     def _start_renewer(self) -> None:
         if not self.renew_leases:

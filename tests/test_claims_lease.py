@@ -91,3 +91,32 @@ def test_items_of_a_killed_worker_on_another_machine_are_taken_over_after_its_le
     assert waited < 4 * lease  # taken over once the dead worker's lease lapsed, not hours later
     assert np.array_equal(store.read("toy/i0", item.key.key)["x"], np.ones(2))
     assert list((tmp_path / "claims").iterdir()) == []
+
+
+def test_a_release_during_a_renewal_leaves_no_claim_behind(tmp_path):
+    """The renewer read the claim (still ours), then the item was released: the renewal must not
+    write the claim back (found by scripts/check_pool.py: a claim left after the grid, blocking
+    its item for a lease)."""
+    import threading
+
+    c = Claims(tmp_path, lease_s=60, renew=False)
+    assert c.acquire("x")
+    real_read, done = c._read, threading.Event()
+
+    def read_then_release(path):  # the release lands between the renewer's read and its write
+        info = real_read(path)
+        if not done.is_set():
+            done.set()
+            t = threading.Thread(target=c.release, args=("x",))
+            t.start()
+            t.join(0.5)  # (with the renewal and the release serialised, it waits for the renewal)
+        return info
+
+    c._read = read_then_release
+    c.renew()
+    c._read = real_read
+    for _ in range(50):
+        if not list(tmp_path.glob("*.json")):
+            break
+        time.sleep(0.1)
+    assert list(tmp_path.glob("*.json")) == []
