@@ -27,14 +27,19 @@ def _console():
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
-    import yaml
+    """--set key=value pairs, each value read as YAML (no aliases); bad usage exits 2 at once, as argparse does."""
+    from tasks.config import ConfigError, parse_yaml
 
     out = {}
-    for p in pairs or []:
-        if "=" not in p:
-            raise SystemExit(f"--set expects key=value, got {p!r}")
-        k, v = p.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+    try:
+        for p in pairs or []:
+            if "=" not in p:
+                raise ConfigError(f"--set expects key=value, got {p!r}")
+            k, v = p.split("=", 1)
+            out[k.strip()] = parse_yaml(v, f"--set {k.strip()}")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
     return out
 
 
@@ -129,9 +134,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import yaml
-
-    from tasks.config import load_config
+    from tasks.config import dump_yaml, load_config
     from tasks.sample_data import write_sample_data
 
     t0 = time.time()
@@ -141,7 +144,7 @@ def cmd_demo(args) -> int:
     if not (data / "davis").exists() or not (data / "esc50").exists():
         write_sample_data(data, videos=args.videos, clips=args.clips, seed=args.seed)
     config_path = workdir / "demo.yaml"
-    config_path.write_text(yaml.safe_dump(demo_config(workdir), sort_keys=False))
+    config_path.write_text(dump_yaml(demo_config(workdir)))
     cfg = load_config(config_path)
     summary = _run(config_path, {})
     code = _summarise(summary, cfg)
@@ -157,13 +160,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    from flows.single_edit import deliver, prepare
+    from flows.single_edit import check_output, deliver, prepare
     from storage import ArtifactStore
     from tasks import edit as edit_stage
     from tasks.catalog import read_catalog
     from tasks.config import ConfigError, load_config
 
     try:
+        output = check_output(args.output)  # bad usage is found now, not after minutes of work
         job = prepare(args.video, args.audio, args.config, args.workdir, args.source_audio, args.variant,
                       _parse_sets(args.set))
         cfg = load_config(job.config_path)
@@ -173,9 +177,13 @@ def cmd_edit(args) -> int:
         return EXIT_USAGE
     print(f"editing video {job.video_id} with clip {job.audio_id} (fine-tuned with {job.source_id}, "
           f"variant {job.variant}); workdir {cfg.workdir}")
-    code = _summarise(_run(job.config_path, {}), cfg)
-    if code == EXIT_INTERRUPTED:
-        return code
+    summary = _run(job.config_path, {})
+    if _summarise(summary, cfg) == EXIT_INTERRUPTED:
+        return EXIT_INTERRUPTED
+    # The grid is this one pair, so every stage failure is this edit's; catalog errors are not
+    # (files another edit linked into the shared workdir meanwhile).
+    own_failures = any(s.get("failed") for stage, s in summary.items()
+                       if stage not in ("catalog", "report") and isinstance(s, dict))
     items = [it for it in edit_stage.work_items(cfg, read_catalog(cfg.catalog_path))
              if (it.video_id, it.audio_id, it.variant) == (job.video_id, job.audio_id, job.variant)]
     store = ArtifactStore(cfg.store_url, cfg.storage.storage_options)
@@ -188,8 +196,8 @@ def cmd_edit(args) -> int:
         print(f"error: the edit is stored but has no MP4 (stages.edit.write_mp4 is off?): {items[0].artifact}",
               file=sys.stderr)
         return EXIT_ITEMS_FAILED
-    print(f"edit: {deliver(Path(mp4), args.output)}")
-    return code
+    print(f"edit: {deliver(Path(mp4), output)}")
+    return EXIT_ITEMS_FAILED if own_failures else EXIT_OK
 
 
 def cmd_status(args) -> int:

@@ -36,16 +36,23 @@ def report_task(cfg) -> dict[str, str]:
     return {"report": str(index), **{k: str(v) for k, v in tables.items()}}
 
 
-def run_stages(config_path: str, overrides: dict[str, Any] | None, only: set[str] | None = None) -> dict[str, Any]:
-    """Run the stages in a subflow whose task runner the config picks (Prefect's default, or Dask)."""
+def run_stages(config_path: str, overrides: dict[str, Any] | None, only: set[str] | None = None,
+               videos: list[str] | None = None) -> dict[str, Any]:
+    """Run the stages in a subflow whose task runner the config picks (Prefect's default, or Dask).
+
+    videos: only the items of these videos (and the clip-level audio items), for one child run of a
+    fanned-out grid (flows.fanout); their cache keys are those of the whole grid."""
     cfg = load_config(config_path, overrides)
-    summary = answer_without_prefect(cfg, only)
-    if summary is not None:
-        get_run_logger().info("nothing to do: every stage is done and the report is current")
-        return summary
+    if videos is None:  # the plan-first answer covers the whole grid, not a part of it
+        summary = answer_without_prefect(cfg, only)
+        if summary is not None:
+            get_run_logger().info("nothing to do: every stage is done and the report is current")
+            return summary
     runner = task_runner(cfg)
     sub = stages_flow if runner is None else stages_flow.with_options(task_runner=runner)
-    return sub(config_path, overrides, sorted(only) if only else None)
+    if videos is None:
+        return sub(config_path, overrides, sorted(only) if only else None)
+    return sub(config_path, overrides, sorted(only) if only else None, videos=list(videos))
 
 
 def task_runner(cfg):
@@ -59,7 +66,10 @@ def task_runner(cfg):
 
 
 @flow(name="audioscenic-stages")
-def stages_flow(config_path: str, overrides: dict[str, Any] | None = None, only: list[str] | None = None) -> dict[str, Any]:
+def stages_flow(config_path: str, overrides: dict[str, Any] | None = None, only: list[str] | None = None,
+                videos: list[str] | None = None) -> dict[str, Any]:
+    """The stages in order. With `videos`, a part of a grid: no plan cache, report or compaction
+    (the fan-out parent does those once for the whole)."""
     logger = get_run_logger()
     cfg = load_config(config_path, overrides)
     summary: dict[str, Any] = {"catalog": catalog_task(cfg)}
@@ -73,7 +83,7 @@ def stages_flow(config_path: str, overrides: dict[str, Any] | None = None, only:
             if only is not None and mod.STAGE not in only:
                 continue
             summary[mod.STAGE] = run_stage(mod, cfg, catalog, view, max_concurrency=cfg.execution.max_concurrency,
-                                           planned=planned)
+                                           planned=planned if videos is None else None, videos=videos)
             logger.info("%s: %s", mod.STAGE, {k: v for k, v in summary[mod.STAGE].items() if k != "failed"})
             for item, err in summary[mod.STAGE]["failed"].items():
                 logger.error("%s %s failed: %s", mod.STAGE, item, err)
@@ -83,6 +93,8 @@ def stages_flow(config_path: str, overrides: dict[str, Any] | None = None, only:
     if interrupts.stop_requested():  # no further stage, no report: what finished is in the ledger
         logger.warning("stopped (%s): finished work is kept; rerun to continue", interrupts.stop_reason())
         summary["interrupted"] = True
+        return summary
+    if videos is not None:
         return summary
     if only is None:  # every stage planned: the next status or no-op check need not build these keys again
         store_planned(cfg, fingerprint(cfg, catalog, mods), planned)

@@ -36,13 +36,18 @@ def summarize_plan(entries: Sequence[PlanEntry]) -> dict[str, int]:
 
 
 def run_stage(mod, cfg, catalog, ledger: Ledger | LedgerView, max_concurrency: int = 1,
-              planned: dict[str, Any] | None = None) -> dict[str, Any]:
+              planned: dict[str, Any] | None = None, videos: Sequence[str] | None = None) -> dict[str, Any]:
     """Plan one stage from the ledger and submit one Prefect task per batch of its todo items.
 
     ledger: the run's view (`Ledger.view()`: read once per run, shared with the cache policy), or a ledger
     (read once for this stage). Every `fan_in` finished batches, the view runs a bounded compaction step.
-    planned: when given, gets the stage's planned keys (`flows.plancache` table)."""
+    planned: when given, gets the stage's planned keys (`flows.plancache` table).
+    videos: keep only these videos' items (and items of no video, the clips' audio); the keys are
+    built for the whole grid first, so a part of a grid computes exactly what the whole would."""
     items = mod.work_items(cfg, catalog)
+    if videos is not None:
+        keep = set(videos)
+        items = [it for it in items if it.video_id is None or it.video_id in keep]
     if planned is not None:
         import pyarrow as pa
 

@@ -14,6 +14,9 @@
 #    b. scripts/gpu_finetune_resume.py: killed-and-resumed fine-tuning vs an
 #       uninterrupted run (tiny 40 steps, killed after 17; sd21-unclip-h 32x32 x 4
 #       frames 20 steps, killed after 7) -> $OUT/finetune-resume-cuda.json.
+#    c. benchmarks/bench_windows.py on cuda: sd21-unclip-h at 768 px (96x96 latents), window 16,
+#       overlap 4, bfloat16, spans of 16, 48 and 120 frames -> $OUT/windows-cuda.json
+#       (GPU_CHECK_WINDOWS=0 skips it; WINDOWS_LIMIT_S, default 420).
 #    The whole output also goes to $OUT/gpu-check.log. Exit status 1 if any step failed.
 #
 # Time: about 4 to 5 minutes on an H100 (the model builds on the CPU dominate); the step
@@ -38,6 +41,8 @@ BENCH_LIMIT_S="${BENCH_LIMIT_S:-180}"
 RESUME_LIMIT_S="${RESUME_LIMIT_S:-150}"
 SMOKE="${GPU_CHECK_CPU_SMOKE:-0}"
 BENCH_FRESH_MEMORY="${BENCH_FRESH_MEMORY:-0}"
+WINDOWS="${GPU_CHECK_WINDOWS:-1}"
+WINDOWS_LIMIT_S="${WINDOWS_LIMIT_S:-420}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
@@ -95,6 +100,13 @@ main() {
         --device "$device" "${cases[@]}" --repeats "$REPEATS" --precision autocast "${mem[@]}"
     step "finetune resume" "$RESUME_LIMIT_S" "$PY" scripts/gpu_finetune_resume.py "$OUT/finetune-resume-$device.json" \
         --device "$device" "${resume[@]}"
+    # Long spans in windows at 768 px (issue 13): peak memory and time per frame at 16, 48 and 120 frames.
+    if [ "$WINDOWS" = 1 ]; then
+        local win=(--case sd21-unclip-h:96:16:4 --frames 16 48 120 --precision bfloat16 --repeats 1)
+        if [ "$SMOKE" = 1 ]; then win=(--case tiny:4:4:1 --frames 8 12 --repeats 1 --threads 1); fi
+        step "bench windows" "$WINDOWS_LIMIT_S" "$PY" benchmarks/bench_windows.py "$OUT/windows-$device.json" \
+            --device "$device" "${win[@]}"
+    fi
 
     echo
     echo "=== files in $OUT:"

@@ -129,7 +129,8 @@ class Ledger:
     # -- reading -----------------------------------------------------------
     def fragment_paths(self) -> list[str]:
         try:
-            names = self.fs.ls(self.fragments, detail=False)
+            # refresh: s3fs caches listings per process, and other workers' fragments must be seen
+            names = self.fs.ls(self.fragments, detail=False, **({} if self._local else {"refresh": True}))
         except FileNotFoundError:
             return []
         out = [n for n in names if n.rsplit("/", 1)[-1].endswith(".parquet") and not n.rsplit("/", 1)[-1].startswith(".")]

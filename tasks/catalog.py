@@ -154,6 +154,14 @@ def _name_ok(path: Path, catalog: Catalog) -> bool:
     return False
 
 
+def _problem(item: Path, err: MediaError) -> str:
+    """The problem as said of `item`: a frame folder's problem names the frame (the item is the folder)."""
+    where = Path(err.path)
+    if where != item and item in where.parents:
+        return f"frame {where.relative_to(item)} {err.problem}"
+    return err.problem
+
+
 def _frame_files(folder: Path) -> list[Path]:
     """`tasks.media.frame_files` from one directory read (no stat per file): the same files, the same order."""
     with os.scandir(folder) as it:
@@ -237,7 +245,7 @@ def scan_davis(root: str | Path, split: str | None = None, sequences: Iterable[s
             e = _video_entry(seq, "davis", _label_from_name(seq.name), annotations=ann, split=splits.get(seq.name),
                              hashing=hashing)
         except MediaError as err:
-            cat.issues.append(CatalogIssue(seq.name, err.path, err.problem))
+            cat.issues.append(CatalogIssue(seq.name, err.path, _problem(seq, err)))
             continue
         except OSError as err:
             cat.issues.append(CatalogIssue(seq.name, str(seq), f"cannot be read ({err})"))
@@ -334,7 +342,7 @@ def scan_folder(root: str | Path, media: str, progress: Progress = None, hashing
             else:
                 raise ValueError(f"media must be 'video' or 'audio', not {media!r}")
         except MediaError as err:
-            cat.issues.append(CatalogIssue(p.name, err.path, err.problem))
+            cat.issues.append(CatalogIssue(p.name, err.path, _problem(p, err)))
         except OSError as err:
             cat.issues.append(CatalogIssue(p.name, str(p), f"cannot be read ({err})"))
     return cat

@@ -165,7 +165,8 @@ QUICK_STAGES: dict[str, dict[str, Any]] = {
     "windows": {"window": 8, "overlap": 2},
 }
 
-_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# At most 64 characters: a variant name is part of file names (outputs/, the report's images).
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 # The paper's ablations (Table 2) plus the Magnitude Modulator and the Frequency Fuser
 # outside SceneMasker: name -> U-Net switch overrides (models.unet3d.UNet3DConfig
 # fields). "full" is the method itself.
@@ -220,9 +221,9 @@ class FinetuneStageConfig(_Strict):
     @field_validator("variants")
     @classmethod
     def _names(cls, value: list[str]) -> list[str]:
-        bad = [v for v in value if not _VARIANT_NAME.match(v)]
+        bad = [v for v in value if not _VARIANT_NAME.fullmatch(v)]
         if bad:
-            raise ValueError(f"variant names must be path segments (letters, digits, _ . -): {bad}")
+            raise ValueError(f"variant names must be path segments of at most 64 letters, digits, _ . -: {bad}")
         if len(set(value)) != len(value):
             raise ValueError(f"variants listed twice: {value}")
         return value
@@ -321,6 +322,9 @@ class ExecutionConfig(_Strict):
     # or "local" for a local cluster of `dask_workers` processes. None: Prefect's default runner.
     dask_address: str | None = None
     dask_workers: int = Field(2, gt=0)
+    # Work claims are leases renewed while an item is computed: a dead worker's items go to
+    # another worker once its lease lapses (storage.claims).
+    claim_lease_s: float = Field(300.0, gt=0)
 
 
 class Config(_Strict):
@@ -341,9 +345,9 @@ class Config(_Strict):
     @field_validator("variants")
     @classmethod
     def _variant_names(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        bad = [k for k in value if not _VARIANT_NAME.match(k)]
+        bad = [k for k in value if not _VARIANT_NAME.fullmatch(k)]
         if bad:
-            raise ValueError(f"variant names must be path segments (letters, digits, _ . -): {bad}")
+            raise ValueError(f"variant names must be path segments of at most 64 letters, digits, _ . -: {bad}")
         return value
 
     # -- derived locations -------------------------------------------------
@@ -430,18 +434,106 @@ def config_from_dict(data: dict[str, Any] | None, base_dir: str | Path = ".", so
     return _resolve(cfg, Path(base_dir).resolve())
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-    """Read YAML safely (no arbitrary objects), apply dotted overrides, validate."""
+# A config is a few kilobytes; anything near this is a mistake or an attack.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_DEPTH = 64  # nesting levels (the composer recurses per level)
+
+
+class _Refused(yaml.MarkedYAMLError):
+    pass
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases as it composes, before any value exists.
+
+    An alias is a reference, so a few lines of nested aliases ("billion laughs") expand
+    to billions of nodes wherever a field accepts a mapping or a list; refusing them at
+    the event stage costs nothing. Deep nesting is refused too (each level is a Python frame).
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(None, None, f"YAML alias *{event.anchor} refused: a config may not use "
+                           "anchors or aliases; write each value out", event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise _Refused(None, None, f"YAML anchor &{event.anchor} refused: a config may not use "
+                           "anchors or aliases; write each value out", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _Refused(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _one_line_mark(e: yaml.MarkedYAMLError) -> str:
+    mark = e.problem_mark or e.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (e.problem or e.context or "invalid YAML")
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> plain data (no Python objects, anchors or aliases); errors are one-line ConfigErrors naming `source`."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass
+    except _Refused as e:
+        raise ConfigError(f"{source}: {_one_line_mark(e)}") from None
+    except yaml.YAMLError as e:
+        detail = _one_line_mark(e) if isinstance(e, yaml.MarkedYAMLError) else str(e)
+        raise ConfigError(f"{source}: not valid YAML ({detail})") from None
+
+
+class _PlainDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # an object met twice is written out twice: the loader above refuses aliases
+
+
+def dump_yaml(data: Any) -> str:
+    """Config data as YAML that `parse_yaml` reads back (never an anchor or alias, key order kept)."""
+    return yaml.dump(data, Dumper=_PlainDumper, sort_keys=False)
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The parsed YAML of a config file: a regular file of at most MAX_CONFIG_BYTES of UTF-8."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # never more, whatever stat said
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; a config is a few KiB of YAML")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return parse_yaml(text, str(path))
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None, *,
+                require_catalogs: bool = True) -> Config:
+    """Read YAML safely (no arbitrary objects, no aliases), apply dotted overrides, validate.
+
+    require_catalogs: a config with no catalog source at all has nothing to run and is an
+    error (`edit --config` passes False: its catalog is the inputs it links).
+    """
+    path = Path(path)
+    data = read_config_file(path)
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return config_from_dict(apply_overrides(dict(data or {}), overrides), path.parent, str(path))
+    cfg = config_from_dict(apply_overrides(dict(data or {}), overrides), path.parent, str(path))
+    if require_catalogs and not (cfg.catalogs.videos or cfg.catalogs.audio):
+        raise ConfigError(f"{path}: no catalogs: nothing to edit; list video and audio sources under "
+                          "catalogs.videos and catalogs.audio (see configs/demo.yaml)")
+    return cfg
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -449,7 +541,9 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> d
     for dotted, value in (overrides or {}).items():
         node = data
         parts = dotted.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node[parts[-1]] = value
     return data

@@ -95,6 +95,7 @@ def handle_signals(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    reset()  # a new command starts with no stop request (matters when commands run in one process, as in tests)
     previous = {s: signal.signal(s, _handler) for s in signals}
     _installed[0] = True
     try:

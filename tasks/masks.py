@@ -25,7 +25,7 @@ from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
 from storage.state import memo
 from tasks import frames as frames_stage
-from tasks import span
+from tasks import interrupts, span
 from tasks.stage import BatchResult, WorkItem
 from tasks.stage_task import StageCachePolicy, run_logged_batch, task
 from tasks.video import (
@@ -150,7 +150,8 @@ def grounded_sam_masks(gsam, xmem, frames: np.ndarray, caption: str, v) -> tuple
     first, det = gsam.first_mask(frames[0], caption, v.box_threshold, v.text_threshold)
     if not first.any():
         raise ValueError(f"SAM returned an empty mask for caption {caption!r} (box {det.as_dict()['box']})")
-    prob = propagate(xmem, frames, first, **dict(v.xmem))
+    # Every frame is a safe point for a stop (tasks.interrupts): XMem over a long span takes a while.
+    prob = propagate(xmem, frames, first, progress=lambda done, total: interrupts.check(), **dict(v.xmem))
     masks = np.asarray(prob.numpy() if hasattr(prob, "numpy") else prob) > v.mask_threshold
     masks[0] = first  # the given mask, exactly (XMem returns it for frame 0 as a probability)
     return masks, {"detection": det.as_dict(), "caption": caption}

@@ -128,6 +128,10 @@ def probe_frame_folder(folder: str | os.PathLike, fps: float = DEFAULT_FRAME_FOL
                 im.verify()
             with Image.open(f) as im:
                 this = im.size
+                # verify() does not decode a JPEG, so a truncated one passes it; decoding at 1/8
+                # scale (draft) still reads every byte, at a fraction of a full decode's cost.
+                im.draft("RGB", (1, 1))
+                im.load()
         except Exception as e:
             raise MediaError(f, f"is not a readable image ({type(e).__name__}: {e})") from e
         if size is None:

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from storage.files import temp_name
 from tasks.metrics import (
     METRIC_LABELS,
     aggregate_by_variant,
@@ -218,13 +218,13 @@ def write_report(cfg, rows: Sequence[Mapping[str, Any]] | None = None, out_dir: 
     rows = sorted(rows, key=lambda r: (r["video_id"], r["audio_id"], variant_rank(r["variant"] or "full")))
     final = Path(out_dir) if out_dir is not None else report_dir(cfg)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
+    tmp = final.parent / temp_name(final.name)
     tmp.mkdir()
     try:
         _render(cfg, rows, tmp, title)
         old = None
         if final.exists():
-            old = final.parent / f".{final.name}.{uuid.uuid4().hex}.old"
+            old = final.parent / temp_name(final.name, ".old")
             os.replace(final, old)
         os.replace(tmp, final)
         if old is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import traceback
 import uuid
@@ -166,6 +167,7 @@ def run_items(
                 attrs = {"stage": item.stage, "item_id": item.item_id, "code_version": item.key.code_version}
                 with store.writing(item.artifact, item.key.key, **attrs) as writer:
                     compute(item, writer)
+                    _simulated_wait(item.stage)
             except Exception as e:  # one bad item must not stop the batch
                 msg = f"{type(e).__name__}: {e}"
                 log.error("%s %s failed: %s", item.stage, item.item_id, msg)
@@ -221,7 +223,7 @@ def run_items(
             if not waiting or queue or (deadline is not None and time.monotonic() >= deadline):
                 break
             _sleep_unless_stopped(pause)
-            pause = min(pause * 1.5, 5.0)
+            pause = min(pause * 1.5, 5.0, getattr(claims, "lease_s", 15.0) / 3)  # notice a lapsed lease soon
     finally:
         ledger.append(pending)
     result.busy = [it.item_id for it in waiting if not interrupts.stop_requested()]
@@ -229,6 +231,21 @@ def run_items(
         [it.item_id for it in waiting] if interrupts.stop_requested() else [])
     result.interrupted = interrupts.stop_requested()
     return result
+
+
+SIMULATED_WAIT_ENV = "AUDIOSCENIC_TEST_STAGE_WAIT"
+
+
+def _simulated_wait(stage: str) -> None:
+    """Test hook, off unless the environment sets it (e.g. "edit=10,finetune=2"): each computed item of
+    those stages waits that many seconds before its commit, its claim held, as a GPU-bound item would."""
+    spec = os.environ.get(SIMULATED_WAIT_ENV)
+    if not spec:
+        return
+    for part in spec.split(","):
+        name, _, seconds = part.partition("=")
+        if name.strip() == stage:
+            _sleep_unless_stopped(float(seconds))
 
 
 def _sleep_unless_stopped(seconds: float) -> None:

@@ -116,7 +116,7 @@ def open_claims(cfg):
     """Work claims shared by every worker, so overlapping batches compute each artifact once."""
     from storage.claims import Claims
 
-    return Claims(cfg.claims_url, cfg.storage.storage_options)
+    return Claims(cfg.claims_url, cfg.storage.storage_options, lease_s=cfg.execution.claim_lease_s)
 
 
 # ----------------------------------------------------------------------------- Prefect cache policy

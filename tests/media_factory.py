@@ -44,3 +44,11 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 24) -> Path:
         for packet in s.encode(None):
             c.mux(packet)
     return path
+
+
+def edit_media(folder: Path, clips: int, seed: int) -> tuple[Path, list[Path]]:
+    """One 8-frame sample video's frame folder and `clips` sample clips: the inputs of `audioscenic edit` tests."""
+    from tasks.sample_data import write_sample_data
+
+    data = write_sample_data(folder, videos=1, clips=clips, seed=seed, frames=8)
+    return data.davis_root / "JPEGImages" / "480p" / data.videos[0], sorted((data.esc50_root / "audio").glob("*.wav"))

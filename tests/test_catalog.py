@@ -76,6 +76,28 @@ def test_unreadable_frame_and_bad_sequence(data):
     assert sorted(e["name"] for e in cat.entries) == sorted([data.videos[0], data.videos[2]])
 
 
+def test_frame_folder_problems_name_the_frame(data):
+    from PIL import Image
+
+    frames = data.davis_root / "JPEGImages" / "480p"
+    corrupt, truncated, mixed = (frames / v for v in data.videos)
+    (corrupt / "00002.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    whole = (truncated / "00004.jpg").read_bytes()
+    (truncated / "00004.jpg").write_bytes(whole[: len(whole) // 2])  # a valid header: verify() alone passes it
+    Image.new("RGB", (64, 48)).save(mixed / "00001.jpg")
+    cat = scan_davis(data.davis_root)
+    assert cat.entries == []
+    problems = {i.item: (i.problem, i.path) for i in cat.errors}
+    assert problems[corrupt.name][0].startswith("frame 00002.jpg is not a readable image")
+    assert problems[truncated.name][0].startswith("frame 00004.jpg is not a readable image") \
+        and "truncated" in problems[truncated.name][0]
+    assert problems[mixed.name][0] == "frame 00001.jpg has size 64x48, other frames are 128x96"
+    assert problems[mixed.name][1] == str(mixed / "00001.jpg")
+    # The same through a plain folder (what `edit --video FOLDER` catalogues) and in the text.
+    cat = build_catalog([dict(kind="folder", root=frames, media="video")])
+    assert f"{mixed.name}: frame 00001.jpg has size 64x48" in str(next(i for i in cat.errors if i.item == mixed.name))
+
+
 def test_annotation_count_mismatch_is_a_warning(data):
     ann = data.davis_root / "Annotations" / "480p" / data.videos[0]
     sorted(ann.iterdir())[-1].unlink()

@@ -8,17 +8,14 @@ import pytest
 
 from flows.cli import main
 from storage import Ledger
-from tasks.sample_data import write_sample_data
+from tests.media_factory import edit_media
 
 QUICK = ["--set", "stages.finetune.steps=4", "--set", "stages.inversion.steps=4"]
 
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
-    data = write_sample_data(tmp_path_factory.mktemp("edit-media"), videos=1, clips=3, seed=2, frames=8)
-    frames = data.davis_root / "JPEGImages" / "480p" / data.videos[0]
-    clips = sorted((data.esc50_root / "audio").glob("*.wav"))
-    return frames, clips
+    return edit_media(tmp_path_factory.mktemp("edit-media"), clips=3, seed=2)
 
 
 def read_mp4(path):

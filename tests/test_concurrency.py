@@ -65,6 +65,6 @@ def test_abandoned_claim_is_taken_over(tmp_path):
     path = c._path("x")
     (tmp_path / path.rsplit("/", 1)[-1]).write_text(json.dumps({"host": c.owner["host"], "pid": 2**22 + 12345, "time": 0, "token": "t"}))
     assert c.acquire("x")  # the owner process is gone
-    other = Claims(tmp_path, ttl_s=3600)
+    other = Claims(tmp_path, lease_s=3600)
     other.owner = {**other.owner, "pid": -1}
     assert not other.acquire("x")  # a live claim is respected

@@ -161,9 +161,16 @@ def test_finetuning_stopped_at_a_step_checkpoints_and_resumes_to_the_same_weight
 # ----------------------------------------------------------------------------- the CLI, real signals
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory) -> Path:
+    """One PREFECT_HOME for this module's CLI runs: the temporary server's database is migrated once."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+def _env(home: Path) -> dict[str, str]:
+    """As a user's shell has it: no Prefect API configured, so each run starts its own temporary server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    env.update(PREFECT_HOME=str(home), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_LOGGING_LEVEL="WARNING", OMP_NUM_THREADS="1")
     return env
 
@@ -250,13 +257,13 @@ def _interrupt(proc: subprocess.Popen) -> tuple[int, str, str, float, set[int]]:
     return proc.returncode, out, err, time.monotonic() - t0, kids
 
 
-def test_ctrl_c_during_finetuning_and_editing_stops_cleanly_and_the_rerun_resumes(tmp_path):
+def test_ctrl_c_during_finetuning_and_editing_stops_cleanly_and_the_rerun_resumes(tmp_path, prefect_home):
     from tasks.sample_data import write_sample_data
 
     data = write_sample_data(tmp_path / "data", videos=1, clips=2, seed=4, frames=8)
-    config = _config(tmp_path, data, "work", finetune={"steps": 80, "checkpoint_every": 2},
-                     inversion={"steps": 30})
-    work, env = config.parent, _env(tmp_path)
+    config = _config(tmp_path, data, "work", finetune={"steps": 50, "checkpoint_every": 2},
+                     inversion={"steps": 20})
+    work, env = config.parent, _env(prefect_home)
 
     # 1. Ctrl-C while fine-tuning (its checkpoint file shows it is under way).
     proc = _start(config, env)
@@ -294,12 +301,12 @@ def test_ctrl_c_during_finetuning_and_editing_stops_cleanly_and_the_rerun_resume
     assert len(ledger.latest("edit")) == 2 and all(r["status"] == "done" for r in ledger.latest("edit").values())
 
 
-def test_two_runs_of_one_config_at_once_both_succeed_and_compute_everything_once(tmp_path):
+def test_two_runs_of_one_config_at_once_both_succeed_and_compute_everything_once(tmp_path, prefect_home):
     from tasks.sample_data import write_sample_data
 
     data = write_sample_data(tmp_path / "data", videos=1, clips=2, seed=5, frames=8)
     config = _config(tmp_path, data, "work")
-    env = _env(tmp_path)
+    env = _env(prefect_home)
     procs = [_start(config, env) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (out, err) in zip(procs, outs):
@@ -333,7 +340,7 @@ def test_first_signal_requests_a_stop_second_exits_at_once(tmp_path):
     assert "stopping after the current step" in r.stderr and "stopped at once" in r.stderr
 
 
-def test_sigterm_to_a_flow_run_outside_the_cli_stops_its_batches_cleanly(tmp_path):
+def test_sigterm_to_a_flow_run_outside_the_cli_stops_its_batches_cleanly(tmp_path, prefect_home):
     """What a worker does to a flow run cancelled from the Prefect UI: SIGTERM to the flow's process,
     where Prefect's engine turns it into TerminationSignal. The batches stop at a safe point first."""
     from tasks.sample_data import write_sample_data
@@ -345,7 +352,7 @@ def test_sigterm_to_a_flow_run_outside_the_cli_stops_its_batches_cleanly(tmp_pat
     proc = subprocess.Popen(
         [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import flows; "
          f"from flows.pipeline import pipeline_flow; pipeline_flow({str(config)!r})"],
-        env=_env(tmp_path), cwd=REPO, text=True, stdout=log, stderr=log, start_new_session=True)
+        env=_env(prefect_home), cwd=REPO, text=True, stdout=log, stderr=log, start_new_session=True)
     try:
         _wait_for(lambda: any(work.rglob("*.checkpoint.pt")), proc, "fine-tuning")
         t0 = time.monotonic()

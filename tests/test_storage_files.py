@@ -42,3 +42,21 @@ def test_concurrent_writers_never_share_a_temporary(tmp_path):
     text = target.read_text()
     assert len(set(text)) == 1 and len(text) == 1000  # one writer's whole content
     assert [p.name for p in tmp_path.iterdir()] == ["catalog.parquet"]
+
+
+def test_temporary_names_fit_any_legal_name(tmp_path):
+    from storage.files import NAME_MAX, bounded_name, temp_name
+
+    for name in ("x" * 255, "é" * 127 + "x", "a" * 244 + ".wav"):  # legal: at most 255 bytes
+        tmp = temp_name(name)
+        assert len(tmp.encode()) <= NAME_MAX and tmp.startswith(".") and tmp.endswith(".tmp")
+        (tmp_path / tmp).write_text("ok")  # the filesystem takes it (a cut 'é' is dropped, not split)
+        target = tmp_path / name
+        with atomic_path(target) as t:
+            t.write_text(name)
+        assert target.read_text() == name
+    assert temp_name("short.mp4").startswith(".short.mp4.")
+    # Names built from ids: unchanged when short, else cut with a hash of the whole (distinct stems stay distinct).
+    assert bounded_name("edit-a-b-full", ".yaml") == "edit-a-b-full.yaml"
+    long_a, long_b = bounded_name("v" * 300 + "a", ".yaml"), bounded_name("v" * 300 + "b", ".yaml")
+    assert long_a != long_b and len(long_a) == 200 and long_a.endswith(".yaml")

@@ -254,7 +254,10 @@ def test_real_fixture_videos_go_through_frames_depth_latents(tmp_path):
         assert z.shape == (4, 4, R // 8, R // 8) and np.isfinite(z).all()
 
 
-def test_items_claimed_by_another_worker_are_left_to_it(sample_data, tmp_path):
+def test_items_claimed_by_another_worker_are_waited_for_not_computed_twice(sample_data, tmp_path):
+    import threading
+    import time
+
     from storage.claims import Claims
 
     catalog = build_catalog([{"kind": "davis", "root": sample_data.davis_root, "media": "video"}])
@@ -262,9 +265,20 @@ def test_items_claimed_by_another_worker_are_left_to_it(sample_data, tmp_path):
     store, ledger = open_store_and_ledger(cfg)
     items = frames.work_items(cfg, catalog)
     other = Claims(cfg.claims_url)
-    assert other.acquire(f"{items[0].artifact}@{items[0].key.key}")
+    held = f"{items[0].artifact}@{items[0].key.key}"
+    assert other.acquire(held)
+
+    def other_worker_computes_it():  # the other worker commits its item a moment later
+        time.sleep(1.0)
+        frames.run_batch(cfg, items[:1], store, ledger)
+        other.release(held)
+
+    t = threading.Thread(target=other_worker_computes_it)
+    t.start()
     r = frames.run_batch(cfg, items, store, ledger, claims=Claims(cfg.claims_url))
-    assert r.busy == [items[0].item_id] and r.computed == [items[1].item_id]
+    t.join()
+    # Not computed twice: this batch did its own item, then waited for the claimed one and adopted it.
+    assert r.computed == [items[1].item_id] and r.adopted == [items[0].item_id] and r.busy == []
 
 
 def test_paper_preset_reads_local_folders_and_fingerprints_them(done, tmp_path):
