@@ -86,7 +86,9 @@ def child(grid: str, root: Path) -> dict:
     videos, clips = (int(x) for x in grid.split("x"))
     GRID = (videos, clips)
     config = root / "config.yaml"
-    config.write_text(yaml.safe_dump({"workdir": str(root / "work")}))
+    (root / "videos").mkdir(exist_ok=True)  # an empty catalog: the trivial stage makes up its own items
+    config.write_text(yaml.safe_dump({"workdir": str(root / "work"),
+                                      "catalogs": {"videos": [{"kind": "folder", "root": str(root / "videos")}]}}))
     me = sys.modules[__name__]
     pipeline.stage_modules = lambda: [me]  # the pipeline flow with this one stage
     reads = {"n": 0}

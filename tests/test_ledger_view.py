@@ -210,7 +210,9 @@ def run_grid(tmp_path, monkeypatch, n: int):
     root = tmp_path / f"grid{n}"
     root.mkdir()
     config = root / "config.yaml"
-    config.write_text(yaml.safe_dump({"workdir": str(root / "work"), "stages": {"edit": {"batch_size": 2}}}))
+    (root / "videos").mkdir()  # an empty catalog: the stage makes up its own items
+    config.write_text(yaml.safe_dump({"workdir": str(root / "work"), "stages": {"edit": {"batch_size": 2}},
+                                      "catalogs": {"videos": [{"kind": "folder", "root": str(root / "videos")}]}}))
     summary = pipeline.stages_flow(str(config))
     monkeypatch.undo()
     (view,) = views
