@@ -84,7 +84,6 @@ def stage_task(cfg, items: list[WorkItem]) -> dict[str, Any]:
 
 # -- one grid size, in this process ---------------------------------------------------------------------------
 def child(grid: str, root: Path) -> dict:
-
     import flows.pipeline as pipeline
     import flows.planning as planning
     from storage.ledger import Ledger, LedgerView
