@@ -172,7 +172,7 @@ catalogs:
   videos: [{kind: davis, root: data/davis}]
   audio: [{kind: esc50, root: data/esc50}]
 models: {preset: tiny}
-stages: {video: {resolution: 64}, inversion: {steps: 10}, finetune: {steps: 30}}
+stages: {video: {resolution: 64}, inversion: {steps: 4}, finetune: {steps: 4}}  # every stage, fewest steps (CI time)
 grid:
   subsets:
     nightly: {per_class: 1}

@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, default=None, help="keep the work folders here")
+    ap.add_argument("--videos", type=int, default=2, help="sample videos in the grid")
+    ap.add_argument("--clips", type=int, default=3, help="sample clips in the grid")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="audioscenic-soak-")) if args.keep is None else args.keep
@@ -131,7 +133,8 @@ def main(argv=None) -> int:
     server, env = start_server(root / "prefect-home")
     try:
         data = root / "data"
-        subprocess.run([str(BIN / "audioscenic"), "sample-data", str(data), "--videos", "2", "--clips", "3", "--frames", "8"],
+        subprocess.run([str(BIN / "audioscenic"), "sample-data", str(data), "--videos", str(args.videos), "--clips", str(args.clips),
+                        "--frames", "8"],
                        check=True, env=env, stdout=subprocess.DEVNULL)
         ref_config = make_workdir(root, data, "reference")
         t0 = time.time()

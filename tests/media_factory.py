@@ -1,9 +1,19 @@
 """Small media writers for tests (the tests generate all of their own data)."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
+
+from tasks.config import QUICK_STAGES
+
+# Whole-pipeline tests about planning, bad inputs, caching or orchestration: every stage runs, with
+# the fewest diffusion steps that still exercise each code path (CI time; the steps' own behaviour is
+# tested in test_finetune / test_inversion / test_edit).
+PIPELINE_TEST_STAGES = copy.deepcopy(QUICK_STAGES)
+PIPELINE_TEST_STAGES["finetune"]["steps"] = 4
+PIPELINE_TEST_STAGES["inversion"]["steps"] = 4
 
 
 def write_mp3(path: Path, seconds: float = 1.0, rate: int = 44100) -> Path:

@@ -4,14 +4,14 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 import soundfile as sf
 import yaml
 
 from flows.cli import main
 from storage import Ledger
-from tasks.config import QUICK_STAGES
 from tasks.sample_data import write_sample_data
-from tests.media_factory import write_mp3
+from tests.media_factory import PIPELINE_TEST_STAGES, write_mp3
 
 
 def make_bad_dataset(root):
@@ -54,6 +54,7 @@ def make_bad_dataset(root):
     return data, names, bad
 
 
+@pytest.mark.heavy(80)
 def test_grid_with_bad_inputs_finishes_the_rest(prefect_server, tmp_path, capsys):
     data, good_clips, bad = make_bad_dataset(tmp_path)
     config = tmp_path / "config.yaml"
@@ -62,7 +63,7 @@ def test_grid_with_bad_inputs_finishes_the_rest(prefect_server, tmp_path, capsys
         "catalogs": {"videos": [{"kind": "davis", "root": str(data.davis_root)}],
                      "audio": [{"kind": "esc50", "root": str(data.esc50_root)}]},
         # 8-frame edits (span "frames"): a 1-frame video is then too short, a bad input
-        "models": {"preset": "tiny"}, "stages": {**QUICK_STAGES, "video": {**QUICK_STAGES["video"], "span": "frames"}},
+        "models": {"preset": "tiny"}, "stages": {**PIPELINE_TEST_STAGES, "video": {**PIPELINE_TEST_STAGES["video"], "span": "frames"}},
     }))
     code = main(["run", str(config)])
     out = capsys.readouterr().out

@@ -1,6 +1,7 @@
 """The CLI and the pipeline flow against the session's Prefect server."""
 import json
 
+import pytest
 
 from flows.cli import main
 from storage import Ledger
@@ -13,6 +14,7 @@ def test_sample_data_cli(tmp_path, capsys):
     assert len(list((tmp_path / "d/esc50/audio").glob("*.wav"))) == 2
 
 
+@pytest.mark.heavy(400)
 def test_demo_builds_catalog_and_ledger_once(prefect_server, tmp_path, capsys):
     work = tmp_path / "demo"
     assert main(["demo", "--workdir", str(work)]) == 0

@@ -152,6 +152,7 @@ def test_a_5s_clip_over_an_8s_10fps_video_is_a_5s_edit_driven_by_the_sound_under
     assert "<video controls" in (report / "index.html").read_text()
 
 
+@pytest.mark.heavy(150)
 def test_clips_longer_and_shorter_than_a_3s_24fps_video(prefect_server, media, tmp_path):
     work = tmp_path / "single"
     long_clip, long_rate = decode_audio(media["long"])

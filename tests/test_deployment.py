@@ -5,6 +5,7 @@ server) and stops everything it started; this test only runs it and reads its ve
 """
 from __future__ import annotations
 
+import pytest
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ def test_prefect_yaml_describes_the_grid_deployment():
     assert "prefect.deployments.steps.set_working_directory" in spec["pull"][-1]
 
 
+@pytest.mark.heavy(150)
 def test_deployment_check_script(tmp_path):
     keep = tmp_path / "check"  # logs, data and the Prefect home stay here for a post-mortem
     env = dict(os.environ, CHECK_TIMEOUT=str(CHECK_TIMEOUT))

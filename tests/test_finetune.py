@@ -18,6 +18,7 @@ from tests import diffusion_factory as fx
 from tests.diffusion_factory import one_thread  # noqa: F401  (autouse fixture)
 
 
+@pytest.mark.heavy(50)
 def test_300_steps_lower_the_loss_and_commit_weights_and_json(tmp_path):
     cfg, catalog = fx.workspace(tmp_path, finetune={"steps": 300, "checkpoint_every": 100})
     assert cfg.stages.finetune.learning_rate == 3e-5 and cfg.stages.finetune.condition_dropout == 0.1

@@ -257,6 +257,7 @@ def _interrupt(proc: subprocess.Popen) -> tuple[int, str, str, float, set[int]]:
     return proc.returncode, out, err, time.monotonic() - t0, kids
 
 
+@pytest.mark.heavy(270)
 def test_ctrl_c_during_finetuning_and_editing_stops_cleanly_and_the_rerun_resumes(tmp_path, prefect_home):
     from tasks.sample_data import write_sample_data
 

@@ -21,7 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "check_pool.py"
-CHECK_TIMEOUT = 900  # the script's own limit on itself (its CHECK_TIMEOUT); it takes 7-11 minutes here
+CHECK_TIMEOUT = 1200  # the script's own limit on itself (its CHECK_TIMEOUT); it takes 10-14 minutes here
 TEST_TIMEOUT = CHECK_TIMEOUT + 90  # last resort, should the script's own limit fail
 
 
@@ -30,9 +30,13 @@ def _postgres() -> bool:
 
 
 @pytest.mark.skipif(not _postgres(), reason="PostgreSQL binaries (initdb, pg_ctl) not found; set PG_BIN")
+@pytest.mark.heavy(700)
 def test_pool_check_script(tmp_path):
     keep = tmp_path / "check"  # logs, data and result.json stay here for a post-mortem
-    env = dict(os.environ, CHECK_TIMEOUT=str(CHECK_TIMEOUT))
+    # 120 s of "GPU" wait per video in the timed runs: the child runs' start-up (Python, Prefect) is CPU
+    # work that two workers on two shared cores cannot overlap, so the waiting must dominate it for the
+    # <= 0.65x check to hold beside other tests (with 60 s it measured 0.77 at load 7, 0.48-0.63 at load 4-6).
+    env = dict(os.environ, CHECK_TIMEOUT=str(CHECK_TIMEOUT), FRAMES_WAIT_S="120")
     python = REPO / ".venv" / "bin" / "python"
     proc = subprocess.Popen(
         [str(python if python.exists() else sys.executable), str(SCRIPT), str(keep)],

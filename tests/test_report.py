@@ -63,6 +63,7 @@ def ablation(prefect_server, sample_data, tmp_path_factory):
     return load_config(path), first, again
 
 
+@pytest.mark.heavy(100)
 def test_upstream_stages_run_once_across_variants(ablation):
     cfg, first, _ = ablation
     ledger = Ledger(cfg.ledger_url)
