@@ -23,7 +23,7 @@ demo: $(STAMP)
 # Two pytest-xdist workers, a test file each at a time (module fixtures run once), longest files first
 # (tests/conftest.py): the service and whole-pipeline tests mostly wait, so they overlap the rest.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
