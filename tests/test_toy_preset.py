@@ -8,9 +8,10 @@ disjoint from scripts/train_toy.py's training and held-out ranges):
 - `models.preset: toy` loads the committed weights through the real loaders
   (ImageBindAudioEncoder.from_checkpoint on official key names, ClipScorer.from_folder);
 - the trained audio encoder separates the four classes: nearest-centroid accuracy
-  >= 0.9 and within-class cosine above across-class cosine by >= 0.3;
+  >= 0.95 on 40 clips, within-class cosine >= 0.9, across-class cosine <= 0;
 - the trained scorer gives Sem-A >= 0.75 for every (target class, other source class)
   pair on toy-world videos pulsing with a clip of the target class;
+- both bars discriminate: the untrained tiny preset fails each of them;
 - retraining with a short budget (scripts/train_toy.py's SHORT recipe) gives figures
   within the tolerances below of those recorded in models/toy/recipe.json.
 
@@ -142,40 +143,67 @@ def _audio_set(base: int, n: int):
     return T.audio_images([T._seeds(base, 0, k, n) for k in range(len(CLASSES))])
 
 
-def test_trained_audio_encoder_separates_the_classes(toy_cfg):
-    from tasks import audio
-
-    enc = audio.load_encoder(toy_cfg)
-    ref_x, ref_y = _audio_set(TEST_BASE, 4)
-    x, y = _audio_set(TEST_BASE + 500_000, 6)
-    e_ref, e = T.embed(enc, ref_x), T.embed(enc, x)
-    acc = T.nearest_centroid_accuracy(e_ref, ref_y, e, y)
+def _separation(enc, ref, test) -> tuple[float, float, float]:
+    """Nearest-centroid accuracy, mean cosine within and across classes of the test clips."""
+    e_ref, e = T.embed(enc, ref[0]), T.embed(enc, test[0])
+    y = test[1]
+    acc = T.nearest_centroid_accuracy(e_ref, ref[1], e, y)
     n = torch.nn.functional.normalize(e, dim=-1)
     cos = n @ n.T
     same = (y[:, None] == y[None, :]) & ~torch.eye(len(y), dtype=torch.bool)
-    within, across = float(cos[same].mean()), float(cos[y[:, None] != y[None, :]].mean())
-    print(f"toy audio encoder: accuracy {acc:.3f}, cosine within {within:.3f}, across {across:.3f}")
-    assert acc >= 0.9
-    assert within - across >= 0.3
+    return acc, float(cos[same].mean()), float(cos[y[:, None] != y[None, :]].mean())
 
 
-def test_trained_scorer_gives_sem_a_on_toy_clips(toy_cfg):
-    from tasks import metrics
+def _separates(acc: float, within: float, across: float) -> bool:
+    # Random features already tell these synthetic sounds apart fairly well (the untrained
+    # tiny encoder: accuracy 0.92, across-class cosine +0.18), so the bar is "all but at
+    # most one of 40 clips right, and different classes' embeddings at least orthogonal".
+    return acc >= 0.95 and within >= 0.9 and across <= 0.0
 
-    scorer = metrics.load_scorer(toy_cfg)
-    text = scorer.embed_texts([label_text(c) for c in CLASSES])
-    sem = {}
+
+def test_trained_audio_encoder_separates_the_classes(toy_cfg):
+    from models.imagebind_audio import ImageBindAudioEncoder
+    from tasks import audio
+
+    ref, test = _audio_set(TEST_BASE, 4), _audio_set(TEST_BASE + 500_000, 10)
+    figures = _separation(audio.load_encoder(toy_cfg), ref, test)
+    print("toy audio encoder: accuracy {:.3f}, cosine within {:.3f}, across {:.3f}".format(*figures))
+    assert _separates(*figures)
+    # the bar discriminates: the untrained tiny preset does not pass it
+    tiny = _separation(ImageBindAudioEncoder.tiny(seed=0), ref, test)
+    print("tiny audio encoder: accuracy {:.3f}, cosine within {:.3f}, across {:.3f}".format(*tiny))
+    assert not _separates(*tiny)
+
+
+@pytest.fixture(scope="module")
+def toy_videos():
+    """Two held-out 16-frame toy videos per class, each pulsing with a held-out clip of its class."""
+    out = []
     for k, c in enumerate(CLASSES):
         for s in T._seeds(TEST_BASE, 0, k, 2):
             loud = frame_loudness(synthesize_clip(c, s), 44100, 16)
-            frames = T.scene_frames(s, c, 16, 96, 128, loudness=loud)
-            emb = scorer.embed_images(frames)
-            for j, other in enumerate(CLASSES):
-                if j != k:
-                    sem.setdefault((c, other), []).append(clip_scores(emb, text[k], text[j])["sem_a"])
-    worst = min(np.mean(v) for v in sem.values())
-    print("toy scorer Sem-A per (target, source):", {f"{a}/{b}": round(float(np.mean(v)), 3) for (a, b), v in sem.items()})
-    assert worst >= 0.75
+            out.append((k, T.scene_frames(s, c, 16, 96, 128, loudness=loud)))
+    return out
+
+
+def _worst_sem_a(scorer, videos, report: str) -> float:
+    text = scorer.embed_texts([label_text(c) for c in CLASSES])
+    sem = {}
+    for k, frames in videos:
+        emb = scorer.embed_images(frames)
+        for j, other in enumerate(CLASSES):
+            if j != k:
+                sem.setdefault((CLASSES[k], other), []).append(clip_scores(emb, text[k], text[j])["sem_a"])
+    print(report, "Sem-A per (target, source):", {f"{a}/{b}": round(float(np.mean(v)), 3) for (a, b), v in sem.items()})
+    return min(float(np.mean(v)) for v in sem.values())
+
+
+def test_trained_scorer_gives_sem_a_on_toy_clips(toy_cfg, toy_videos):
+    from models.clip_scorer import ClipScorer
+    from tasks import metrics
+
+    assert _worst_sem_a(metrics.load_scorer(toy_cfg), toy_videos, "toy scorer") >= 0.75
+    assert _worst_sem_a(ClipScorer.tiny(0), toy_videos, "tiny scorer") < 0.75  # the bar discriminates
 
 
 def test_short_retraining_reproduces_recorded_figures(recipe):
