@@ -218,3 +218,13 @@ def test_short_retraining_reproduces_recorded_figures(recipe):
         assert abs(audio_fig[k] - recorded["audio"][k]) <= 0.1, k
     for k in ("heldout_sem_a_min", "heldout_sem_a_mean", "heldout_frame_accuracy"):
         assert abs(scorer_fig[k] - recorded["scorer"][k]) <= 0.05, k
+
+
+def test_sample_data_cli_writes_the_toy_world(tmp_path):
+    from flows.cli import main
+
+    assert main(["sample-data", str(tmp_path / "t"), "--videos", "1", "--clips", "1", "--frames", "2", "--world", "toy"]) == 0
+    assert main(["sample-data", str(tmp_path / "p"), "--videos", "1", "--clips", "1", "--frames", "2"]) == 0
+    a = (tmp_path / "t/davis/JPEGImages/480p/ball/00000.jpg").read_bytes()
+    b = (tmp_path / "p/davis/JPEGImages/480p/ball/00000.jpg").read_bytes()
+    assert a != b
