@@ -15,12 +15,17 @@ real loaders, exactly as real weights would:
                                           model.safetensors, tokenizer files,
                                           preprocessor_config.json), read by
                                           ClipScorer.from_folder
+    models/toy/base/vae/                  the tiny AutoencoderKL as a diffusers base folder's
+                                          vae/ (config.json with its scaling factor,
+                                          diffusion_pytorch_model.safetensors), read by
+                                          FrameVAE.from_base_folder
     models/toy/recipe.json                how they were made: seed, steps, data recipe,
                                           the held-out figures measured after training
 
-What is trained so far: the audio encoder (clips of one class embed together) and the
-CLIP-shaped scorer (knows the four class prompts "a photo of <label>"). Every other
-model of the pipeline (VAE, U-Net, ControlNet, text encoder, depth, masks) is, under
+What is trained so far: the audio encoder (clips of one class embed together), the
+CLIP-shaped scorer (knows the four class prompts "a photo of <label>") and the VAE
+(reconstructs toy-world frames at the demo's 64 px). Every other
+model of the pipeline (U-Net, ControlNet, text encoder, depth, masks) is, under
 the toy preset, still the tiny preset's seeded random model: `TRAINED` lists what is
 trained, and the tasks fall back to the tiny builders for the rest.
 
@@ -40,12 +45,15 @@ AUDIO_FILE = "imagebind_toy.safetensors"
 CLIP_FOLDER = "clip"
 RECIPE_FILE = "recipe.json"
 
-# model name in config.models.paths -> its file or folder under TOY_DIR
-TRAINED = {"imagebind": AUDIO_FILE, "clip": CLIP_FOLDER}
+BASE_FOLDER = "base"  # a diffusers base folder holding only vae/ so far
+
+# trained model -> its file or folder under TOY_DIR (imagebind and clip are models.paths names;
+# vae is the base folder's vae/, models.paths.base + "vae" in the tasks' identities)
+TRAINED = {"imagebind": AUDIO_FILE, "clip": CLIP_FOLDER, "vae": BASE_FOLDER}
 
 
 def path(name: str, root: str | Path | None = None) -> Path:
-    """Where the toy weights of `name` (a models.paths name in TRAINED) live."""
+    """Where the toy weights of `name` (a key of TRAINED) live."""
     if name not in TRAINED:
         raise KeyError(f"the toy preset has no trained '{name}' (trained: {', '.join(TRAINED)})")
     return Path(root or TOY_DIR) / TRAINED[name]
@@ -82,3 +90,10 @@ def load_scorer(root: str | Path | None = None, device: str = "cpu"):
     from models.clip_scorer import ClipScorer
 
     return ClipScorer.from_folder(path("clip", root), device, setting="models.preset: toy")
+
+
+def load_vae(root: str | Path | None = None, device: str = "cpu"):
+    """The trained toy VAE, through FrameVAE.from_base_folder (the base folder's vae/)."""
+    from models.vae import FrameVAE
+
+    return FrameVAE.from_base_folder(path("vae", root), device, setting="models.preset: toy")

@@ -25,11 +25,20 @@ What it trains (issue 18, first part):
    CLIP's image-to-text cross-entropy over the four prompts, with CLIP's learned
    logit scale.
 
+3. The VAE: diffusers `AutoencoderKL` at the tiny preset's sizes (`models.vae.vae_config(tiny=True)`,
+   latents 1/8 of the frame, 4 latent channels, widths 8-16; the recipe can widen it,
+   but 16-32 for 600 steps did no better than 8-16 for 400, at 4x the time), seeded init, on toy-world and plain-world frames resized and
+   centre-cropped to the demo's 64 px exactly as the frames stage does. Loss: MSE + L1 of
+   the reconstruction of a posterior sample + a tiny KL term; afterwards the config's
+   scaling factor is set to 1 / std of the training latents (as SD's 0.18215 was chosen).
+
 Held-out figures (written into recipe.json, checked by tests/test_toy_preset.py):
 nearest-centroid accuracy of held-out audio (centroids from the training audio,
 whole-clip embeddings), and, for the scorer, Sem-A of held-out toy-world videos
 (frames of class c, loudness of a held-out clip of c) for the target label c
-against every other label as source: min and mean over the pairs.
+against every other label as source: min and mean over the pairs; for the VAE, PSNR of
+held-out frames through encode (posterior mean) and decode, and the masked SSIM
+(tasks.metrics.masked_ssim) of the reconstruction over the object.
 
 Reproducibility: everything is drawn from numpy / torch generators seeded by --seed;
 with the same --threads the weights are bitwise identical. Other thread counts change
@@ -66,12 +75,17 @@ RECIPE = {
               "gain_shift": [-0.3, 0.1], "noise": 0.05, "heldout_per_class": 12},
     "scorer": {"videos_per_class": 320, "frames_per_video": 1, "height": 96, "width": 128, "steps": 600,
                "batch": 64, "lr": 2e-3, "weight_decay": 0.05, "jitter": 0.15, "heldout_per_class": 6, "heldout_frames": 24},
+    "vae": {"block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4,
+            "videos_per_class": 60, "frames_per_video": 2, "resolution": 64, "steps": 800, "batch": 16,
+            "lr": 2e-3, "weight_decay": 0.0, "kl_weight": 1e-6, "heldout_per_class": 4},
 }
+
 # A short budget of the same recipe, retrained by tests/test_toy_preset.py in well under a minute;
 # recipe.json's "short_check" records the figures it gave when the weights were committed.
 SHORT = {
     "audio": dict(RECIPE["audio"], clips_per_class=8, steps=40, batch=32, heldout_per_class=4),
     "scorer": dict(RECIPE["scorer"], videos_per_class=10, steps=60, heldout_per_class=2, heldout_frames=12),
+    "vae": dict(RECIPE["vae"], videos_per_class=6, steps=30, heldout_per_class=1),
 }
 
 
@@ -246,6 +260,93 @@ def evaluate_scorer(scorer, seed: int, recipe: dict) -> dict:
             "heldout_frame_accuracy": correct / total}
 
 
+# ----------------------------------------------------------------------------- VAE
+
+
+def vae_frames(seed: int, videos_per_class: int, frames_per_video: int, resolution: int, base: int):
+    """uint8 (N, R, R, 3) frames as the pipeline's frames stage gives them (resize + centre crop),
+    of every class's look and of the plain world (a source video need not sound like its scene),
+    with their object masks (N, R, R)."""
+    from tasks.video import resize_crop_frame, resize_crop_mask
+
+    rng = np.random.default_rng([seed, 3])
+    frames, masks = [], []
+    for k, c in enumerate(CLASSES + [None]):
+        for s in _seeds(base, seed, k, videos_per_class):
+            color = VIDEO_OBJECTS[int(rng.integers(len(VIDEO_OBJECTS)))][1]
+            loud = rng.uniform(0, 1, frames_per_video) ** 2
+            f, m = render_video(s, frames_per_video, 96, 128, color, scene=c, loudness=None if c is None else loud)
+            frames.extend(resize_crop_frame(x, resolution) for x in f)
+            masks.extend(resize_crop_mask(x, resolution) for x in m)
+    return np.stack(frames), np.stack(masks)
+
+
+def _to_tensor(frames: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(seed: int, recipe: dict, log=print):
+    """The tiny AutoencoderKL (models.vae.vae_config(tiny=True)) on toy-world frames at the demo's resolution.
+
+    Loss: MSE + L1 of the reconstruction of a posterior sample, plus kl_weight x KL. The
+    scaling factor is then set, as SD's was, to 1 / std of the training frames' latent means,
+    so the diffusion model sees unit-variance latents."""
+    from models.vae import FrameVAE, vae_config
+
+    r = recipe
+    t0 = time.time()
+    frames, _ = vae_frames(seed, r["videos_per_class"], r["frames_per_video"], r["resolution"], TRAIN_BASE)
+    x = _to_tensor(frames)
+    log(f"vae: {len(x)} training frames rendered in {time.time() - t0:.1f} s")
+    config = dict(vae_config(tiny=True), block_out_channels=tuple(r["block_out_channels"]),
+                  norm_num_groups=r["norm_num_groups"])
+    model = FrameVAE.random(seed, **config)
+    vae = model.vae.train()
+    gen = torch.Generator().manual_seed(seed + 2)
+    opt = torch.optim.AdamW(vae.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["steps"], pct_start=0.1)
+    t1 = time.time()
+    for step in range(r["steps"]):
+        idx = torch.randint(len(x), (r["batch"],), generator=gen)
+        xb = x[idx]
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+        post = vae.encode(xb).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        loss = torch.nn.functional.mse_loss(rec, xb) + (rec - xb).abs().mean() + r["kl_weight"] * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == r["steps"] - 1:
+            log(f"vae step {step:4d} loss {loss.item():.4f} ({time.time() - t1:.0f} s)")
+    vae.eval()
+    with torch.no_grad():
+        means = torch.cat([vae.encode(x[i:i + 64]).latent_dist.mean for i in range(0, len(x), 64)])
+    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+    figures = evaluate_vae(model, seed, recipe)
+    figures["train_seconds"] = round(time.time() - t0, 1)
+    return model, figures
+
+
+def evaluate_vae(model, seed: int, recipe: dict) -> dict:
+    """Held-out reconstruction through the pipeline's encode (posterior mean, scaled) and a decode:
+    PSNR over whole frames, and masked SSIM (tasks.metrics) over the object."""
+    from tasks.metrics import masked_ssim
+
+    r = recipe
+    frames, masks = vae_frames(seed, r["heldout_per_class"], r["frames_per_video"], r["resolution"], HELDOUT_BASE)
+    lat = model.encode(frames)
+    with torch.no_grad():
+        rec = model.vae.decode(lat / model.scaling_factor).sample
+    rec8 = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    mse = float(np.mean((rec8.astype(np.float64) - frames) ** 2))
+    return {"heldout_psnr": float(10 * np.log10(255.0**2 / max(mse, 1e-9))),
+            "heldout_masked_ssim": float(masked_ssim(frames, rec8, masks)),
+            "latent_std": float(lat.std()), "scaling_factor": model.scaling_factor}
+
+
 # ----------------------------------------------------------------------------- saving
 
 
@@ -255,6 +356,12 @@ def save_audio(enc, out: Path) -> Path:
     p = toy.path("imagebind", out)
     p.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in enc.official_state_dict().items()}, str(p))
+    return p
+
+
+def save_vae(model, out: Path) -> Path:
+    p = toy.path("vae", out)
+    model.save_as_base(p)
     return p
 
 
@@ -269,7 +376,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=toy.TOY_DIR, help="output folder (default: models/toy)")
     ap.add_argument("--seed", type=int, default=RECIPE["seed"])
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    ap.add_argument("--only", choices=["audio", "scorer"], help="train one model only")
+    ap.add_argument("--only", choices=["audio", "scorer", "vae"], help="train one model only")
     ap.add_argument("--no-short-check", action="store_true", help="skip retraining the SHORT recipe for recipe.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -289,6 +396,11 @@ def main(argv=None) -> int:
         save_scorer(scorer, args.out)
         record["scorer"] = {"recipe": RECIPE["scorer"], "figures": fig}
         print("scorer:", json.dumps(fig))
+    if args.only in (None, "vae"):
+        model, fig = train_vae(args.seed, RECIPE["vae"])
+        save_vae(model, args.out)
+        record["vae"] = {"recipe": RECIPE["vae"], "figures": fig}
+        print("vae:", json.dumps(fig))
     if not args.no_short_check:
         quiet = lambda *_: None  # noqa: E731
         check = record.setdefault("short_check", {})
@@ -296,6 +408,8 @@ def main(argv=None) -> int:
             check["audio"] = train_audio(args.seed, SHORT["audio"], log=quiet)[1]
         if args.only in (None, "scorer"):
             check["scorer"] = train_scorer(args.seed, SHORT["scorer"], log=quiet)[1]
+        if args.only in (None, "vae"):
+            check["vae"] = train_vae(args.seed, SHORT["vae"], log=quiet)[1]
         check["recipe"] = SHORT
         print("short check:", json.dumps(check))
     recipe_path.write_text(json.dumps(record, indent=2) + "\n")

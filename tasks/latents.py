@@ -59,6 +59,10 @@ def load_vae(cfg):
     from models.vae import FrameVAE
 
     m = cfg.models
+    if m.preset == "toy":
+        from models import toy
+
+        return toy.load_vae(device=m.device)
     if m.preset in BUILTIN_PRESETS:
         vae = FrameVAE.tiny(m.seed)
         vae.vae.to(m.device)

@@ -230,8 +230,10 @@ def model_identity(cfg, name: str, subpath: str | None = None) -> dict[str, Any]
     fails; the item fails at run time with the loader's message.
     """
     if cfg.models.preset in BUILTIN_PRESETS:
-        if cfg.models.preset == "toy" and name in toy_models.TRAINED:
-            return toy_models.identity(name)
+        if cfg.models.preset == "toy":
+            trained = "vae" if (name, subpath) == ("base", "vae") else name
+            if trained in toy_models.TRAINED:
+                return toy_models.identity(trained)
         return {"preset": "tiny", "seed": cfg.models.seed}  # toy: the parts not trained yet are tiny's
     path = getattr(cfg.models.paths, name)
     if path is None:

@@ -15,8 +15,12 @@ disjoint from scripts/train_toy.py's training and held-out ranges):
 - retraining with a short budget (scripts/train_toy.py's SHORT recipe) gives figures
   within the tolerances below of those recorded in models/toy/recipe.json.
 
+- the trained VAE reconstructs held-out 64 px frames: PSNR >= VAE_PSNR and masked SSIM
+  over the object >= VAE_MASKED_SSIM (the untrained tiny VAE fails them);
+
 Tolerances (decided here; the issue is silent): the short retrain's figures may differ
-from the recorded ones by at most 0.05 (accuracies, Sem-A) and 0.1 (cosines); other
+from the recorded ones by at most 0.05 (accuracies, Sem-A, masked SSIM), 0.1 (cosines)
+and 0.5 dB (PSNR); other
 thread counts or CPUs change float summation order, nothing more.
 """
 from __future__ import annotations
@@ -37,6 +41,10 @@ from tasks.sample_data import (
 
 CLASSES = [c for c, _, _ in AUDIO_CLASSES]
 TEST_BASE = 3_000_000  # neither training nor the recipe's held-out range
+# The toy VAE's bars on held-out 64 px frames (set from the committed weights' figures,
+# recipe.json "vae"; the untrained tiny VAE fails them).
+VAE_PSNR = 20.0
+VAE_MASKED_SSIM = 0.6
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -129,12 +137,19 @@ def test_toy_preset_loads_committed_weights_through_the_real_loaders(toy_cfg):
     assert torch.equal(enc.official_state_dict()["modality_heads.audio.2.weight"], state["modality_heads.audio.2.weight"])
     scorer = metrics.load_scorer(toy_cfg)
     assert scorer.embed_texts(["a photo of rain"]).shape == (1, 16)
+    from tasks import latents
+
+    vae = latents.load_vae(toy_cfg)
+    vae_state = load_file(str(toy.path("vae") / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(vae.vae.state_dict()["decoder.conv_out.weight"], vae_state["decoder.conv_out.weight"])
+    assert vae.scaling_factor == json.loads((toy.path("vae") / "vae" / "config.json").read_text())["scaling_factor"]
     # identities: content hashes, so cache keys change when the weights do
     assert audio.model_identity(toy_cfg)["sha256"] == toy.identity("imagebind")["sha256"]
     from tasks.video import model_identity
 
     assert model_identity(toy_cfg, "clip") == toy.identity("clip")
-    assert model_identity(toy_cfg, "base") == {"preset": "tiny", "seed": 0}  # not trained yet: tiny
+    assert model_identity(toy_cfg, "base", subpath="vae") == toy.identity("vae")
+    assert model_identity(toy_cfg, "base") == {"preset": "tiny", "seed": 0}  # the U-Net: not trained yet, tiny
     total = sum(f.stat().st_size for f in toy.TOY_DIR.rglob("*") if f.is_file())
     assert total < 5_000_000
 
@@ -206,6 +221,23 @@ def test_trained_scorer_gives_sem_a_on_toy_clips(toy_cfg, toy_videos):
     assert _worst_sem_a(ClipScorer.tiny(0), toy_videos, "tiny scorer") < 0.75  # the bar discriminates
 
 
+def _vae_ok(figures: dict) -> bool:
+    return figures["heldout_psnr"] >= VAE_PSNR and figures["heldout_masked_ssim"] >= VAE_MASKED_SSIM
+
+
+def test_trained_vae_reconstructs_toy_frames(toy_cfg):
+    """Held-out toy and plain frames at 64 px through the pipeline's encode (posterior mean) and a decode."""
+    from models.vae import FrameVAE
+    from tasks import latents
+
+    test = dict(T.RECIPE["vae"], heldout_per_class=3)
+    trained = T.evaluate_vae(latents.load_vae(toy_cfg), 7, test)  # seed 7: other held-out videos than the recipe's
+    tiny = T.evaluate_vae(FrameVAE.tiny(0), 7, test)
+    print("toy VAE:", trained, "tiny VAE:", tiny)
+    assert _vae_ok(trained) and not _vae_ok(tiny)
+    assert 0.7 <= trained["latent_std"] <= 1.4  # the scaling factor gives about unit-variance latents
+
+
 def test_short_retraining_reproduces_recorded_figures(recipe):
     """scripts/train_toy.py's SHORT recipe, retrained here, lands within tolerance of recipe.json."""
     recorded = recipe["short_check"]
@@ -218,6 +250,10 @@ def test_short_retraining_reproduces_recorded_figures(recipe):
         assert abs(audio_fig[k] - recorded["audio"][k]) <= 0.1, k
     for k in ("heldout_sem_a_min", "heldout_sem_a_mean", "heldout_frame_accuracy"):
         assert abs(scorer_fig[k] - recorded["scorer"][k]) <= 0.05, k
+    _, vae_fig = T.train_vae(0, T.SHORT["vae"], log=lambda *_: None)
+    print("short retrain VAE:", vae_fig)
+    assert abs(vae_fig["heldout_psnr"] - recorded["vae"]["heldout_psnr"]) <= 0.5
+    assert abs(vae_fig["heldout_masked_ssim"] - recorded["vae"]["heldout_masked_ssim"]) <= 0.05
 
 
 def test_sample_data_cli_writes_the_toy_world(tmp_path):
