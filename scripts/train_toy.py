@@ -76,7 +76,7 @@ RECIPE = {
     "scorer": {"videos_per_class": 320, "frames_per_video": 1, "height": 96, "width": 128, "steps": 600,
                "batch": 64, "lr": 2e-3, "weight_decay": 0.05, "jitter": 0.15, "heldout_per_class": 6, "heldout_frames": 24},
     "vae": {"block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4,
-            "videos_per_class": 60, "frames_per_video": 2, "resolution": 64, "steps": 800, "batch": 16,
+            "videos_per_class": 60, "frames_per_video": 2, "resolution": 64, "steps": 2000, "batch": 16,
             "lr": 2e-3, "weight_decay": 0.0, "kl_weight": 1e-6, "heldout_per_class": 4},
 }
 
