@@ -43,8 +43,8 @@ CLASSES = [c for c, _, _ in AUDIO_CLASSES]
 TEST_BASE = 3_000_000  # neither training nor the recipe's held-out range
 # The toy VAE's bars on held-out 64 px frames (set from the committed weights' figures,
 # recipe.json "vae"; the untrained tiny VAE fails them).
-VAE_PSNR = 20.0
-VAE_MASKED_SSIM = 0.6
+VAE_PSNR = 22.0
+VAE_MASKED_SSIM = 0.7
 
 
 @pytest.fixture(scope="module", autouse=True)
