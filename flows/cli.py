@@ -61,7 +61,8 @@ def demo_config(workdir: Path) -> dict[str, Any]:
 def cmd_sample_data(args) -> int:
     from tasks.sample_data import write_sample_data
 
-    s = write_sample_data(args.dir, videos=args.videos, clips=args.clips, seed=args.seed, frames=args.frames)
+    s = write_sample_data(args.dir, videos=args.videos, clips=args.clips, seed=args.seed, frames=args.frames,
+                          world=args.world)
     print(f"DAVIS-layout videos ({len(s.videos)}): {s.davis_root}")
     print(f"ESC-50-layout clips ({len(s.clips)}): {s.esc50_root}")
     return EXIT_OK
@@ -285,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clips", type=int, default=4, help="number of audio clips (default 4)")
     s.add_argument("--frames", type=int, default=48, help="frames per video (default 48: 2 s at 24 fps)")
     s.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    s.add_argument("--world", choices=["plain", "toy"], default="plain",
+                   help="plain: backgrounds unrelated to the sound (default); toy: video i shows the look of clip i's "
+                        "class, pulsing with its loudness (the world the toy preset is trained on)")
     s.set_defaults(func=cmd_sample_data)
 
     s = sub.add_parser("demo", help="sample data + tiny models + the whole pipeline, on this machine")

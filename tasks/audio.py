@@ -536,6 +536,10 @@ def model_identity(cfg) -> dict:
     """What identifies the audio encoder in cache keys: the preset, or the weights file."""
     if cfg.models.preset == "tiny":
         return {"preset": "tiny", "seed": cfg.models.seed}
+    if cfg.models.preset == "toy":
+        from models import toy
+
+        return toy.identity("imagebind")
     return {"preset": cfg.models.preset, "imagebind": file_fingerprint(cfg.models.paths.imagebind)}
 
 
@@ -570,6 +574,10 @@ def load_encoder(cfg) -> torch.nn.Module:
 
     if cfg.models.preset == "tiny":
         enc = ImageBindAudioEncoder.tiny(seed=cfg.models.seed)
+    elif cfg.models.preset == "toy":
+        from models import toy
+
+        enc = toy.load_audio_encoder()
     else:
         enc = ImageBindAudioEncoder.from_checkpoint(cfg.models.paths.imagebind)
     return enc.to(cfg.models.device).eval()

@@ -53,8 +53,13 @@ class StorageConfig(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
+# Presets whose models are built in code (no local weights): tiny (seeded random) and toy
+# (trained on the toy world, weights committed under models/toy; untrained parts as tiny).
+BUILTIN_PRESETS = ("tiny", "toy")
+
+
 class ModelPaths(_Strict):
-    """Local weights. With preset 'tiny' none are needed; with 'paper' all of them are."""
+    """Local weights. With preset 'tiny' or 'toy' none are needed; with 'paper' all of them are."""
 
     imagebind: Path | None = None  # imagebind_huge.pth
     base: Path | None = None  # diffusers folder of SD 2.1 unCLIP H
@@ -67,7 +72,9 @@ class ModelPaths(_Strict):
 
 
 class ModelsConfig(_Strict):
-    preset: Literal["tiny", "paper"] = "tiny"
+    # tiny: seeded random models; toy: the same models trained on the toy world where trained
+    # (models/toy.py: the audio encoder, the CLIP scorer and the VAE so far), tiny elsewhere; paper: local weights.
+    preset: Literal["tiny", "toy", "paper"] = "tiny"
     paths: ModelPaths = Field(default_factory=ModelPaths)
     device: str = "cpu"
     seed: int = 0

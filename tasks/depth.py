@@ -11,6 +11,7 @@ from typing import Any
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
 from tasks import frames as frames_stage
+from tasks.config import BUILTIN_PRESETS
 from tasks.stage import BatchResult, WorkItem
 from tasks.stage_task import StageCachePolicy, run_logged_batch, task
 from tasks.video import (
@@ -57,7 +58,7 @@ def load_depth(cfg):
     from models.depth import DepthEstimator
 
     m = cfg.models
-    if m.preset == "tiny":
+    if m.preset in BUILTIN_PRESETS:
         est = DepthEstimator.tiny(m.seed)
         est.model.to(m.device)
         return est

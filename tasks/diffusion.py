@@ -23,7 +23,7 @@ from tasks.stage_lazy import torch  # imported on first use: planning needs no t
 
 from storage.hashing import canonical_json
 from storage.state import memo
-from tasks.config import ConfigError
+from tasks.config import BUILTIN_PRESETS, ConfigError
 from tasks.video import model_identity
 
 # U-Net switches that act only through the mask, which fine-tuning and inversion never pass.
@@ -120,7 +120,7 @@ def controlnet_identity(cfg) -> dict[str, Any]:
 
 def scheduler_identity(cfg) -> dict[str, Any]:
     """The tiny preset's scheduler settings; for a base folder its fingerprint already covers scheduler/."""
-    if cfg.models.preset == "tiny":
+    if cfg.models.preset in BUILTIN_PRESETS:
         def build():
             from models.ddim import config_for_key
 
@@ -153,7 +153,7 @@ def load_scheduler_config(cfg) -> dict[str, Any]:
     from models.ddim import tiny_scheduler_config
     from models.unet3d import PRESET_PREDICTION_TYPE
 
-    if cfg.models.preset == "tiny":
+    if cfg.models.preset in BUILTIN_PRESETS:
         return tiny_scheduler_config(PRESET_PREDICTION_TYPE["tiny"])
     base = cfg.models.paths.base
     path = None if base is None else Path(base) / "scheduler" / "scheduler_config.json"
@@ -172,7 +172,7 @@ def blank_prompt(cfg) -> torch.Tensor:
 
     ident = canonical_json({"base": base_identity(cfg), "device": cfg.models.device})
     if ident not in _PROMPTS:
-        if cfg.models.preset == "tiny":
+        if cfg.models.preset in BUILTIN_PRESETS:
             tok, enc = tiny_text_encoder(cfg.models.seed, hidden_size=PRESETS["tiny"]["cross_attention_dim"])
             enc.to(cfg.models.device)
         else:
@@ -188,7 +188,7 @@ def load_unet(cfg, config: dict[str, Any], trainable: str | Path | None = None):
 
     conf = UNet3DConfig.from_dict(config)
     m = cfg.models
-    if m.preset == "tiny":
+    if m.preset in BUILTIN_PRESETS:
         model = preset("tiny", seed=m.seed, config=conf)
         if trainable is not None:
             model.load_trainable(trainable)
@@ -205,7 +205,7 @@ def load_controlnet(cfg):
     from models.unet3d import build_controlnet
 
     m = cfg.models
-    if m.preset == "tiny":
+    if m.preset in BUILTIN_PRESETS:
         return build_controlnet("tiny", seed=m.seed).to(m.device).eval()
     from diffusers import ControlNetModel
 

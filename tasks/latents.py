@@ -12,6 +12,7 @@ from typing import Any
 from storage import ArtifactStore, Ledger, StageKey
 from storage.artifacts import ArtifactWriter
 from tasks import frames as frames_stage
+from tasks.config import BUILTIN_PRESETS
 from tasks.stage import BatchResult, WorkItem
 from tasks.stage_task import StageCachePolicy, run_logged_batch, task
 from tasks.video import (
@@ -58,7 +59,11 @@ def load_vae(cfg):
     from models.vae import FrameVAE
 
     m = cfg.models
-    if m.preset == "tiny":
+    if m.preset == "toy":
+        from models import toy
+
+        return toy.load_vae(device=m.device)
+    if m.preset in BUILTIN_PRESETS:
         vae = FrameVAE.tiny(m.seed)
         vae.vae.to(m.device)
         return vae

@@ -26,6 +26,7 @@ from storage.artifacts import ArtifactWriter
 from storage.state import memo
 from tasks import frames as frames_stage
 from tasks import interrupts, span
+from tasks.config import BUILTIN_PRESETS
 from tasks.stage import BatchResult, WorkItem
 from tasks.stage_task import StageCachePolicy, run_logged_batch, task
 from tasks.video import (
@@ -118,7 +119,7 @@ def load_grounded_sam(cfg):
     from models.grounded_sam import GroundedSAM
 
     m = cfg.models
-    if m.preset == "tiny":
+    if m.preset in BUILTIN_PRESETS:
         return GroundedSAM.tiny(m.seed).to(m.device)
     return GroundedSAM.from_folders(
         m.paths.grounding_dino, m.paths.sam, m.device,
@@ -131,7 +132,7 @@ def load_xmem(cfg):
     from models.xmem import XMem
 
     m = cfg.models
-    if m.preset == "tiny":
+    if m.preset in BUILTIN_PRESETS:
         return XMem.tiny(m.seed).to(m.device).eval()
     if m.paths.xmem is None:
         raise MissingWeightsError(

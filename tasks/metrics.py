@@ -379,6 +379,10 @@ def load_scorer(cfg):
         scorer = ClipScorer.tiny(m.seed)
         scorer.model.to(m.device)
         return scorer
+    if m.preset == "toy":
+        from models import toy
+
+        return toy.load_scorer(device=m.device)
     return ClipScorer.from_folder(m.paths.clip, m.device, setting="models.paths.clip")
 
 

@@ -6,6 +6,25 @@ by default. Audio: procedurally
 synthesised 5 s, 44.1 kHz mono clips of a few ESC-50 classes, each with a
 recognisable temporal structure (steady rain, crackling impulses, slow swells,
 chirps), plus a valid meta/esc50.csv.
+
+The toy world (`world="toy"`, issue 18): each sound class has a background look,
+composited over the textured background under the object:
+
+    rain            grey diagonal streaks falling down the frame
+    crackling_fire  orange glow rising from the bottom edge, flickering
+    sea_waves       blue horizontal bands rolling upwards
+    chirping_birds  green dots (leaves) scattered over the frame
+
+Its strength in frame k follows the loudness of the sound played under frame k
+(`frame_loudness`: mean absolute amplitude of the frame's chunk of the clip,
+divided by the loudest chunk), as alpha = coverage * (0.5 + 0.5 * loudness), so the look is
+recognisable even in quiet frames and pulses with the sound. The object (and its
+mask) is drawn on top, exactly as in the plain world. A video of the toy world is
+paired with clip i % clips of the same data set (video i), whose first
+frames / fps seconds it shows. Decisions where the issue is silent: the look's
+random layout (streak positions, dot positions, band phases) is drawn from its
+own generator seeded by (seed, class), so the plain world's random draws, and
+hence its bytes, are unchanged; the DAVIS frame rate is taken as 24 fps.
 """
 from __future__ import annotations
 
@@ -22,6 +41,16 @@ VIDEO_OBJECTS = [("ball", (220, 40, 40)), ("car", (30, 90, 220)), ("dog", (240, 
 AUDIO_CLASSES = [("rain", 10, True), ("crackling_fire", 12, True), ("sea_waves", 11, True), ("chirping_birds", 14, False)]
 DAVIS_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128] + [0] * (768 - 15)
 ESC50_COLUMNS = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
+
+
+# The toy world's background look of each sound class (see the module docstring).
+SCENE_LOOKS = {
+    "rain": "grey diagonal streaks",
+    "crackling_fire": "orange flickering glow",
+    "sea_waves": "blue rolling bands",
+    "chirping_birds": "green dots",
+}
+FPS = 24  # DAVIS' frame rate; a toy-world video shows its clip's first frames / FPS seconds
 
 
 @dataclass(frozen=True)
@@ -48,9 +77,90 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return np.clip(base + 70 * (tex - 0.5), 0, 255)
 
 
-def render_video(seed: int, num_frames: int, height: int, width: int, color: tuple[int, int, int]):
-    """Frames (F,H,W,3) uint8 and object masks (F,H,W) bool."""
+def frame_loudness(waveform: np.ndarray, sample_rate: int, num_frames: int, fps: float = FPS) -> np.ndarray:
+    """(num_frames,) in [0, 1]: mean |amplitude| of the sound under each frame / the loudest frame's.
+
+    Frame k hears samples [k / fps, (k + 1) / fps) s of the mono clip; frames past the
+    clip's end hear silence. An all-silent span gives zeros.
+    """
+    x = np.abs(np.asarray(waveform, np.float32).reshape(-1))
+    per = sample_rate / fps
+    out = np.zeros(num_frames, np.float32)
+    for k in range(num_frames):
+        a, b = int(round(k * per)), int(round((k + 1) * per))
+        if a < len(x):
+            out[k] = x[a:min(b, len(x))].mean()
+    peak = out.max()
+    return out / peak if peak > 0 else out
+
+
+def _look_layout(category: str, seed: int, height: int, width: int) -> dict:
+    """Random but fixed per (seed, class) positions of a look's elements, from its own generator."""
+    if category not in SCENE_LOOKS:
+        raise ValueError(f"no toy-world look for class {category!r}; known: {', '.join(SCENE_LOOKS)}")
+    rng = np.random.default_rng([seed, list(SCENE_LOOKS).index(category), 18])
+    return {
+        "streaks": rng.uniform(0, 1, size=(max(6, width // 5), 2)),  # rain: x offset, phase
+        "dots": rng.uniform(0, 1, size=(max(12, height * width // 120), 3)),  # birds: y, x, size
+        "phase": rng.uniform(0, 2 * np.pi, size=4),  # waves / fire
+        "flicker": rng.normal(size=(64, 8)),  # fire: per-frame flame heights
+    }
+
+
+def look_layer(category: str, layout: dict, t: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The class look in frame t: colour (H, W, 3) float in [0, 255] and coverage (H, W) in [0, 1]."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    yn, xn = y / height, x / width
+    if category == "rain":
+        colour = np.array([200, 200, 210], np.float32)
+        cover = np.zeros((height, width), np.float32)
+        period = 0.6
+        for off, ph in layout["streaks"]:
+            # diagonal line x = off * width + 0.3 * y, short dashes moving down by 0.12 frame heights per frame
+            d = np.abs(x - (off * width + 0.3 * y))
+            dash = ((yn - 0.12 * t + ph) % period) < 0.35 * period
+            cover = np.maximum(cover, (d < 1.2) * dash)
+        colour = np.broadcast_to(colour, (height, width, 3)) * (0.5 + 0.5 * cover[..., None])  # dark grey wash
+        return colour, np.clip(0.65 + 0.35 * cover, 0, 1)
+    if category == "crackling_fire":
+        fl = layout["flicker"][t % len(layout["flicker"])]
+        cols = np.interp(xn, np.linspace(0, 1, len(fl)), fl)  # flame height varies across x and time
+        top = 0.45 + 0.12 * cols + 0.05 * np.sin(8 * np.pi * xn + layout["phase"][0] + 1.3 * t)
+        heat = np.clip((yn - (1 - top)) / np.maximum(top, 1e-3), 0, 1)  # 0 above the flames, 1 at the bottom
+        colour = np.stack([255 * np.ones_like(heat), 90 + 120 * heat, 20 + 30 * heat], -1)
+        return colour, np.clip(0.55 + 0.45 * np.sqrt(heat), 0, 1)
+    if category == "sea_waves":
+        band = 0.5 + 0.5 * np.sin(2 * np.pi * (5 * yn + 0.08 * t) + 0.6 * np.sin(2 * np.pi * xn + layout["phase"][1]))
+        colour = np.stack([20 + 40 * band, 70 + 80 * band, 170 + 70 * band], -1)
+        return colour, np.full((height, width), 0.9, np.float32)
+    if category == "chirping_birds":
+        cover = np.zeros((height, width), np.float32)
+        r0 = max(1.5, min(height, width) / 40)
+        for dy, dx, size in layout["dots"]:
+            cy = (dy * height + 0.5 * np.sin(t / 3 + 6 * dx)) % height
+            cx = (dx * width + 0.5 * np.cos(t / 4 + 6 * dy)) % width
+            cover = np.maximum(cover, ((y - cy) ** 2 + (x - cx) ** 2 <= (r0 * (0.7 + size)) ** 2).astype(np.float32))
+        colour = np.broadcast_to(np.array([40, 170, 60], np.float32), (height, width, 3)) * (0.6 + 0.4 * cover[..., None])
+        return colour, np.clip(0.6 + 0.4 * cover, 0, 1)
+    raise ValueError(f"no toy-world look for class {category!r}")
+
+
+def render_video(
+    seed: int, num_frames: int, height: int, width: int, color: tuple[int, int, int],
+    scene: str | None = None, loudness=None,
+):
+    """Frames (F,H,W,3) uint8 and object masks (F,H,W) bool.
+
+    With `scene` (a sound class), the background takes that class's toy-world look,
+    its strength in frame k 0.5 + 0.5 * loudness[k] (loudness in [0, 1], default all
+    ones); without it, the plain world (the same bytes as before the toy world existed).
+    """
     rng = np.random.default_rng(seed)
+    if scene is not None:
+        layout = _look_layout(scene, seed, height, width)
+        loud = np.ones(num_frames, np.float32) if loudness is None else np.clip(np.asarray(loudness, np.float32), 0, 1)
+        if loud.shape != (num_frames,):
+            raise ValueError(f"loudness must have one value per frame ({num_frames}), got shape {loud.shape}")
     bg = _background(rng, height, width)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     ry, rx = height * rng.uniform(0.16, 0.24), width * rng.uniform(0.12, 0.18)
@@ -64,6 +174,10 @@ def render_video(seed: int, num_frames: int, height: int, width: int, color: tup
         cy = height * (0.5 + 0.15 * np.sin(2 * np.pi * u))
         shift = int(round(u * width * 0.5))  # camera pan: background scrolls
         img = np.roll(bg, -shift, axis=1)[:, :width].copy()
+        if scene is not None:
+            colour, cover = look_layer(scene, layout, t, height, width)
+            alpha = (cover * (0.5 + 0.5 * loud[t]))[..., None]
+            img = (1 - alpha) * img + alpha * colour
         inside = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
         light = 0.75 + 0.25 * np.clip(1 - ((x - cx + rx / 3) ** 2 + (y - cy + ry / 3) ** 2) / (rx * ry), 0, 1)
         img[inside] = (shade[None, :] * light[inside][:, None]).clip(0, 255)
@@ -72,12 +186,17 @@ def render_video(seed: int, num_frames: int, height: int, width: int, color: tup
     return frames, masks
 
 
-def write_davis(root: Path, num_videos: int, num_frames: int, height: int, width: int, seed: int) -> list[str]:
+def write_davis(
+    root: Path, num_videos: int, num_frames: int, height: int, width: int, seed: int,
+    scenes: list[tuple[str, np.ndarray]] | None = None,
+) -> list[str]:
+    """Videos; with `scenes`, video i gets the look scenes[i][0] with per-frame loudness scenes[i][1]."""
     names = []
     for i in range(num_videos):
         obj, color = VIDEO_OBJECTS[i % len(VIDEO_OBJECTS)]
         name = obj if i < len(VIDEO_OBJECTS) else f"{obj}-{i // len(VIDEO_OBJECTS) + 1}"
-        frames, masks = render_video(seed * 1000 + i, num_frames, height, width, color)
+        scene, loud = scenes[i] if scenes is not None else (None, None)
+        frames, masks = render_video(seed * 1000 + i, num_frames, height, width, color, scene=scene, loudness=loud)
         jdir = root / "JPEGImages" / "480p" / name
         adir = root / "Annotations" / "480p" / name
         jdir.mkdir(parents=True, exist_ok=True)
@@ -163,11 +282,24 @@ def write_sample_data(
     frames: int = 48,  # 2 s at DAVIS' 24 fps
     height: int = 96,
     width: int = 128,
+    world: str = "plain",
 ) -> SampleData:
+    """world "plain": textured backgrounds unrelated to the sound; "toy": video i shows the look of
+    clip i % clips's class, pulsing with that clip's loudness (module docstring)."""
     out = Path(out)
     if videos < 1 or clips < 1 or frames < 1:
         raise ValueError("sample data needs at least one video, one clip and one frame")
+    if world not in ("plain", "toy"):
+        raise ValueError(f"world must be 'plain' or 'toy', got {world!r}")
     davis, esc = out / "davis", out / "esc50"
-    v = write_davis(davis, videos, frames, height, width, seed)
     c = write_esc50(esc, clips, seed)
+    scenes = None
+    if world == "toy":
+        scenes = []
+        for i in range(videos):
+            j = i % clips
+            category = AUDIO_CLASSES[j % len(AUDIO_CLASSES)][0]
+            wav = synthesize_clip(category, seed * 1000 + j)  # the bytes write_esc50 wrote for clip j
+            scenes.append((category, frame_loudness(wav, 44100, frames)))
+    v = write_davis(davis, videos, frames, height, width, seed, scenes=scenes)
     return SampleData(davis_root=davis, esc50_root=esc, videos=v, clips=c)

@@ -32,10 +32,12 @@ from typing import Any
 
 import numpy as np
 
+from models import toy as toy_models
 from storage import ArtifactStore, Ledger
 from storage.artifacts import ArtifactWriter
 from storage.claims import Claims
 from storage.hashing import file_fingerprint
+from tasks.config import BUILTIN_PRESETS
 from tasks.media import MediaError, frame_files
 from tasks.stage import BatchResult, WorkItem, run_items
 
@@ -227,8 +229,12 @@ def model_identity(cfg, name: str, subpath: str | None = None) -> dict[str, Any]
     A missing path is part of the key rather than an error here, so planning never
     fails; the item fails at run time with the loader's message.
     """
-    if cfg.models.preset == "tiny":
-        return {"preset": "tiny", "seed": cfg.models.seed}
+    if cfg.models.preset in BUILTIN_PRESETS:
+        if cfg.models.preset == "toy":
+            trained = "vae" if (name, subpath) == ("base", "vae") else name
+            if trained in toy_models.TRAINED:
+                return toy_models.identity(trained)
+        return {"preset": "tiny", "seed": cfg.models.seed}  # toy: the parts not trained yet are tiny's
     path = getattr(cfg.models.paths, name)
     if path is None:
         return {"path": None, "missing": True}
