@@ -113,25 +113,18 @@ def child(grid: str, root: Path) -> dict:
             samples.append((self._batches, rss_mib()))
 
     timings = {"work_items_s": 0.0, "plan_s": 0.0}
-    real_plan = planning.plan
 
-    def timed_plan(items, ledger):
-        t = time.perf_counter()
-        try:
-            return real_plan(items, ledger)
-        finally:
-            timings["plan_s"] += time.perf_counter() - t
+    def timed(fn, name):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                timings[name] += time.perf_counter() - t
+        return wrapper
 
-    real_items = me.work_items
-
-    def timed_items(cfg, catalog):
-        t = time.perf_counter()
-        try:
-            return real_items(cfg, catalog)
-        finally:
-            timings["work_items_s"] += time.perf_counter() - t
-
-    planning.plan, me.work_items = timed_plan, timed_items
+    real_plan, real_items = planning.plan, me.work_items
+    planning.plan, me.work_items = timed(real_plan, "plan_s"), timed(real_items, "work_items_s")
 
     LedgerView.batch_finished = sampled
     n = videos * clips

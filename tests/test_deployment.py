@@ -5,14 +5,14 @@ server) and stops everything it started; this test only runs it and reads its ve
 """
 from __future__ import annotations
 
-import pytest
 import os
 import re
-import signal
-import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
+
+from tests.check_scripts import run_check
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "check_deployment.sh"
@@ -35,22 +35,8 @@ def test_prefect_yaml_describes_the_grid_deployment():
 def test_deployment_check_script(tmp_path):
     keep = tmp_path / "check"  # logs, data and the Prefect home stay here for a post-mortem
     env = dict(os.environ, CHECK_TIMEOUT=str(CHECK_TIMEOUT))
-    proc = subprocess.Popen(
-        ["bash", str(SCRIPT), str(keep)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=TEST_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # the script's trap stops what it started
-        try:
-            out, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-        raise AssertionError(f"check_deployment.sh ran past {TEST_TIMEOUT}s:\n{out[-10000:]}")
-    assert proc.returncode == 0, f"check_deployment.sh exited {proc.returncode}:\n{out[-10000:]}"
+    code, out = run_check(["bash", str(SCRIPT), str(keep)], env, TEST_TIMEOUT)
+    assert code == 0, f"check_deployment.sh exited {code}:\n{out[-10000:]}"
     assert re.search(r"flow run [0-9a-f-]{36}: COMPLETED", out), out[-10000:]
     assert "Flow run finished successfully in 'Completed'" in out
     assert "shut down cleanly; no process left" in out

@@ -12,12 +12,12 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.check_scripts import run_check
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "check_pool.py"
@@ -38,21 +38,9 @@ def test_pool_check_script(tmp_path):
     # <= 0.65x check to hold beside other tests (with 60 s it measured 0.77 at load 7, 0.48-0.63 at load 4-6).
     env = dict(os.environ, CHECK_TIMEOUT=str(CHECK_TIMEOUT), FRAMES_WAIT_S="120")
     python = REPO / ".venv" / "bin" / "python"
-    proc = subprocess.Popen(
-        [str(python if python.exists() else sys.executable), str(SCRIPT), str(keep)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=TEST_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # the script stops what it started
-        try:
-            out, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-        raise AssertionError(f"check_pool.py ran past {TEST_TIMEOUT}s:\n{out[-10000:]}")
-    assert proc.returncode == 0, f"check_pool.py exited {proc.returncode}:\n{out[-10000:]}"
+    code, out = run_check([str(python if python.exists() else sys.executable), str(SCRIPT), str(keep)], env,
+                          TEST_TIMEOUT)
+    assert code == 0, f"check_pool.py exited {code}:\n{out[-10000:]}"
     assert "shut down cleanly; no process left" in out, out[-10000:]
     result = json.loads((keep / "result.json").read_text())
     grid = result["grid"]
