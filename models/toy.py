@@ -19,13 +19,19 @@ real loaders, exactly as real weights would:
                                           vae/ (config.json with its scaling factor,
                                           diffusion_pytorch_model.safetensors), read by
                                           FrameVAE.from_base_folder
+    models/toy/base/unet/                 the tiny UNet2DConditionModel (unCLIP-style class
+                                          embedding) as the base folder's unet/ (float16
+                                          safetensors), read by models.unet3d.from_pretrained
+                                          (tasks.diffusion.load_unet), inflated as any base
     models/toy/recipe.json                how they were made: seed, steps, data recipe,
                                           the held-out figures measured after training
 
 What is trained so far: the audio encoder (clips of one class embed together), the
-CLIP-shaped scorer (knows the four class prompts "a photo of <label>") and the VAE
-(reconstructs toy-world frames at the demo's 64 px). Every other
-model of the pipeline (U-Net, ControlNet, text encoder, depth, masks) is, under
+CLIP-shaped scorer (knows the four class prompts "a photo of <label>"), the VAE
+(reconstructs toy-world frames at the demo's 64 px) and the U-Net (denoises toy latents
+conditioned through TASI on the audio embedding). The text encoder is the tiny one of
+seed 0 (the U-Net was trained with its blank prompt), whatever models.seed says. Every other
+model of the pipeline (ControlNet, depth, masks) is, under
 the toy preset, still the tiny preset's seeded random model: `TRAINED` lists what is
 trained, and the tasks fall back to the tiny builders for the rest.
 
@@ -45,11 +51,11 @@ AUDIO_FILE = "imagebind_toy.safetensors"
 CLIP_FOLDER = "clip"
 RECIPE_FILE = "recipe.json"
 
-BASE_FOLDER = "base"  # a diffusers base folder holding only vae/ so far
+BASE_FOLDER = "base"  # a diffusers base folder holding vae/ and unet/
 
 # trained model -> its file or folder under TOY_DIR (imagebind and clip are models.paths names;
-# vae is the base folder's vae/, models.paths.base + "vae" in the tasks' identities)
-TRAINED = {"imagebind": AUDIO_FILE, "clip": CLIP_FOLDER, "vae": BASE_FOLDER}
+# vae and unet are the base folder's vae/ and unet/; the tasks' identity of the base is the whole folder)
+TRAINED = {"imagebind": AUDIO_FILE, "clip": CLIP_FOLDER, "vae": BASE_FOLDER, "unet": BASE_FOLDER}
 
 
 def path(name: str, root: str | Path | None = None) -> Path:
@@ -97,3 +103,12 @@ def load_vae(root: str | Path | None = None, device: str = "cpu"):
     from models.vae import FrameVAE
 
     return FrameVAE.from_base_folder(path("vae", root), device, setting="models.preset: toy")
+
+
+def load_unet(root: str | Path | None = None, config=None):
+    """The trained toy U-Net, inflated, through models.unet3d.from_pretrained (the base folder's unet/)."""
+    import torch
+
+    from models.unet3d import from_pretrained
+
+    return from_pretrained(path("unet", root), config=config, torch_dtype=torch.float32)

@@ -4,6 +4,8 @@
     .venv/bin/python scripts/train_toy.py                 # the committed recipe -> models/toy/
     .venv/bin/python scripts/train_toy.py --out DIR --threads 2
     .venv/bin/python scripts/train_toy.py --only audio    # one model
+    .venv/bin/python scripts/train_toy.py --only unet     # the U-Net (needs the audio encoder and VAE in --out)
+    .venv/bin/python scripts/train_toy.py --only unet --evaluate --no-short-check   # re-measure it only
 
 What it trains (issue 18, first part):
 
@@ -32,13 +34,28 @@ What it trains (issue 18, first part):
    the reconstruction of a posterior sample + a tiny KL term; afterwards the config's
    scaling factor is set to 1 / std of the training latents (as SD's 0.18215 was chosen).
 
+4. The U-Net: the tiny preset's `UNet2DConditionModel` (models.unet3d_presets, unCLIP-style
+   class embedding "projection" of 2 x 1024), seeded init, trained as the pipeline's base
+   model: v-prediction (the tiny DDIM schedule, models.ddim.tiny_scheduler_config) on the
+   toy VAE's latents of single toy-world and plain-world frames at 64 px, with the blank
+   prompt of the seed-0 tiny text encoder, conditioned through the class embedding on
+   TASI's label (noise level 0) of the toy audio encoder's embedding of a clip of the
+   frame's class; plain-world frames and 15% of the others get unCLIP's null label
+   (zeros), so the null condition means "any scene" (inversion, guidance). Only the 2D
+   U-Net is trained: the inflated model's new parts keep their identity init and are
+   what the pipeline's per-video fine-tuning trains. Saved in float16 (3.5 MB) as
+   models/toy/base/unet/, read by models.unet3d.from_pretrained.
+
 Held-out figures (written into recipe.json, checked by tests/test_toy_preset.py):
 nearest-centroid accuracy of held-out audio (centroids from the training audio,
 whole-clip embeddings), and, for the scorer, Sem-A of held-out toy-world videos
 (frames of class c, loudness of a held-out clip of c) for the target label c
 against every other label as source: min and mean over the pairs; for the VAE, PSNR of
 held-out frames through encode (posterior mean) and decode, and the masked SSIM
-(tasks.metrics.masked_ssim) of the reconstruction over the object.
+(tasks.metrics.masked_ssim) of the reconstruction over the object; for the U-Net, the
+v-prediction MSE of held-out latents with their own class's audio, the null label and another
+class's audio (and the random tiny U-Net's), and edits of held-out toy videos (edit_sem_a):
+Sem-A and masked SSIM with and without the SceneMasker mask, and with no audio at all.
 
 Reproducibility: everything is drawn from numpy / torch generators seeded by --seed;
 with the same --threads the weights are bitwise identical. Other thread counts change
@@ -75,6 +92,9 @@ RECIPE = {
               "gain_shift": [-0.3, 0.1], "noise": 0.05, "heldout_per_class": 12},
     "scorer": {"videos_per_class": 320, "frames_per_video": 1, "height": 96, "width": 128, "steps": 600,
                "batch": 64, "lr": 2e-3, "weight_decay": 0.05, "jitter": 0.15, "heldout_per_class": 6, "heldout_frames": 24},
+    "unet": {"clips_per_class": 8, "videos_per_class": 64, "frames_per_video": 2, "resolution": 64, "steps": 1500,
+             "batch": 64, "lr": 2e-3, "weight_decay": 0.0, "cond_drop": 0.15, "heldout_per_class": 4,
+             "edit_steps": 20, "edit_frames": 8, "guidance": 3.0},
     "vae": {"block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4,
             "videos_per_class": 60, "frames_per_video": 2, "resolution": 64, "steps": 2000, "batch": 16,
             "lr": 2e-3, "weight_decay": 0.0, "kl_weight": 1e-6, "heldout_per_class": 4},
@@ -86,6 +106,7 @@ SHORT = {
     "audio": dict(RECIPE["audio"], clips_per_class=8, steps=40, batch=32, heldout_per_class=4),
     "scorer": dict(RECIPE["scorer"], videos_per_class=10, steps=60, heldout_per_class=2, heldout_frames=12),
     "vae": dict(RECIPE["vae"], videos_per_class=6, steps=30, heldout_per_class=1),
+    "unet": dict(RECIPE["unet"], videos_per_class=16, steps=120, batch=32, heldout_per_class=2),
 }
 
 
@@ -347,6 +368,191 @@ def evaluate_vae(model, seed: int, recipe: dict) -> dict:
             "latent_std": float(lat.std()), "scaling_factor": model.scaling_factor}
 
 
+# ----------------------------------------------------------------------------- U-Net
+
+
+def _blank_prompt() -> torch.Tensor:
+    """(1, 77, 32): "" through the tiny text encoder of seed 0, the toy preset's (tasks.diffusion.blank_prompt)."""
+    from models.text import encode_prompt, tiny_text_encoder
+    from models.unet3d import PRESETS
+
+    tok, enc = tiny_text_encoder(0, hidden_size=PRESETS["tiny"]["cross_attention_dim"])
+    return encode_prompt(tok, enc, "").detach()
+
+
+def _class_embeddings(encoder, seed: int, base: int, n: int) -> torch.Tensor:
+    """(4, n, 1024) toy audio embeddings of n synthesised clips per class."""
+    x, _ = audio_images([_seeds(base, seed, k, n) for k in range(len(CLASSES))])
+    return embed(encoder, x).reshape(len(CLASSES), n, -1)
+
+
+def unet_data(vae, encoder, seed: int, recipe: dict, base: int, videos_per_class: int):
+    """Latents (N, 4, h, w) of toy-world frames (every class's look, and the plain world) as the
+    latents stage makes them (FrameVAE.encode: posterior mean x scaling factor), their class
+    (0..3, -1 = plain world), and the audio embeddings of clips of each class (4, n, 1024)."""
+    r = recipe
+    frames, _ = vae_frames(seed + 7, videos_per_class, r["frames_per_video"], r["resolution"], base)
+    n = videos_per_class * r["frames_per_video"]
+    y = torch.tensor([k for k in range(len(CLASSES)) for _ in range(n)] + [-1] * n)
+    lat = vae.encode(frames, chunk=64).float()
+    emb = _class_embeddings(encoder, seed, base + 50_000, r["clips_per_class"])
+    return lat, y, emb
+
+
+def _labels(tasi, emb: torch.Tensor, y: torch.Tensor, gen: torch.Generator, drop: float) -> torch.Tensor:
+    """TASI class labels (B, 2048) for classes y: a random clip's embedding of the class, augmented at
+    noise level 0 as the pipeline does; the plain world (y = -1) and a `drop` fraction get unCLIP's null (zeros)."""
+    clip = torch.randint(emb.shape[1], (len(y),), generator=gen)
+    e = emb[y.clamp(min=0), clip]
+    lab = tasi.augment(e, 0)
+    keep = (y >= 0) & (torch.rand(len(y), generator=gen) >= drop)
+    return lab * keep[:, None].to(lab.dtype)
+
+
+def train_unet(seed: int, recipe: dict, root: Path, log=print):
+    """The tiny preset's UNet2DConditionModel (models.unet3d_presets, class embedding 'projection' of
+    2 x 1024), trained from its seeded init as the base model of the pipeline: v-prediction on the
+    toy VAE's latents of single toy-world frames, conditioned through the class embedding on TASI's
+    label of the toy audio encoder's embedding of a clip of the frame's class (unCLIP's null label
+    for plain-world frames and, with probability cond_drop, for any frame, so classifier-free
+    guidance and null-condition inversion work). Needs the trained toy audio encoder and VAE in `root`."""
+    from models.audio_conditioning import TASI
+    from models.ddim import noisy_and_target, tiny_scheduler_config
+    from models.unet3d_presets import build_unet2d
+
+    r = recipe
+    t0 = time.time()
+    enc, vae = toy.load_audio_encoder(root), toy.load_vae(root)
+    lat, y, emb = unet_data(vae, enc, seed, r, TRAIN_BASE, r["videos_per_class"])
+    log(f"unet: {len(lat)} training latents, {emb.shape[1]} clips per class in {time.time() - t0:.1f} s")
+    from diffusers import DDIMScheduler
+
+    alphas = DDIMScheduler.from_config(tiny_scheduler_config()).alphas_cumprod
+    ehs = _blank_prompt()
+    tasi = TASI(1024, None, 0)
+    unet = build_unet2d("tiny", seed).train()
+    gen = torch.Generator().manual_seed(seed + 3)
+    opt = torch.optim.AdamW(unet.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["steps"], pct_start=0.05)
+    t1 = time.time()
+    for step in range(r["steps"]):
+        idx = torch.randint(len(lat), (r["batch"],), generator=gen)
+        z0 = lat[idx]
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(1000, (len(idx),), generator=gen)
+        x_t, target = noisy_and_target(alphas, z0, noise, t, "v_prediction")
+        labels = _labels(tasi, emb, y[idx], gen, r["cond_drop"])
+        out = unet(x_t, t, ehs.expand(len(idx), -1, -1), class_labels=labels).sample
+        loss = torch.nn.functional.mse_loss(out, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == r["steps"] - 1:
+            log(f"unet step {step:4d} loss {loss.item():.4f} ({time.time() - t1:.0f} s)")
+    unet.eval()
+    figures = {"train_seconds": round(time.time() - t0, 1)}
+    return unet, figures
+
+
+@torch.no_grad()
+def denoising_losses(unet, lat, y, emb, seed: int, repeats: int = 4) -> dict:
+    """Held-out v-prediction MSE at fixed (seeded) noise and timesteps, with the frame's own class
+    label, unCLIP's null label, and another class's label (y + 1 mod 4); plain-world frames excluded."""
+    from models.audio_conditioning import TASI
+    from models.ddim import noisy_and_target, tiny_scheduler_config
+    from diffusers import DDIMScheduler
+
+    alphas = DDIMScheduler.from_config(tiny_scheduler_config()).alphas_cumprod
+    ehs = _blank_prompt()
+    tasi = TASI(1024, None, 0)
+    keep = y >= 0
+    lat, y = lat[keep], y[keep]
+    gen = torch.Generator().manual_seed(seed + 11)
+    sums = {"own": 0.0, "null": 0.0, "other": 0.0}
+    for _ in range(repeats):
+        noise = torch.randn(lat.shape, generator=gen)
+        t = torch.randint(1000, (len(lat),), generator=gen)
+        x_t, target = noisy_and_target(alphas, lat, noise, t, "v_prediction")
+        e_own = emb[y, torch.arange(len(y)) % emb.shape[1]]
+        e_other = emb[(y + 1) % len(CLASSES), torch.arange(len(y)) % emb.shape[1]]
+        for name, lab in (("own", tasi.augment(e_own, 0)), ("null", torch.zeros(len(y), 2048)),
+                          ("other", tasi.augment(e_other, 0))):
+            for i in range(0, len(lat), 64):
+                out = unet(x_t[i:i + 64], t[i:i + 64], ehs.expand(len(x_t[i:i + 64]), -1, -1),
+                           class_labels=lab[i:i + 64]).sample
+                sums[name] += float(((out - target[i:i + 64]) ** 2).sum())
+    n = repeats * lat.numel()
+    return {f"heldout_loss_{k}": v / n for k, v in sums.items()}
+
+
+@torch.no_grad()
+def edit_sem_a(model3d, vae, scorer, seed: int, recipe: dict, emb: torch.Tensor, base: int = HELDOUT_BASE) -> dict:
+    """Edits of held-out toy videos through the inflated U-Net (models.unet3d, its 3D forward and the
+    pipeline's DDIM, no fine-tuning): invert with the null condition, sample with a target class's audio
+    embedding and classifier-free guidance, decode, and score with the toy scorer: Sem-A (target label
+    vs the source video's class label) for every (source, target) pair of different classes, and the
+    masked SSIM over the object (tasks.metrics.masked_ssim) of the edit with the object mask given to
+    SceneMasker ("masked") and without a mask ("unmasked", as "w/o SceneMasker"). The control "none"
+    samples from the same z_T with the null condition only (no audio): its Sem-A shows how much of the
+    scene change the audio makes."""
+    from models.audio_conditioning import AudioCondition
+    from models.ddim import DDIM, tiny_scheduler_config
+    from tasks.metrics import clip_scores, label_text, masked_ssim
+    from tasks.video import resize_crop_frame, resize_crop_mask
+
+    r = recipe
+    ddim = DDIM(tiny_scheduler_config(), r["edit_steps"])
+    ehs = _blank_prompt()
+    text = scorer.embed_texts([label_text(c) for c in CLASSES])
+    F, w = r["edit_frames"], r["guidance"]
+    sem, ssim = {"masked": {}, "unmasked": {}, "none": {}}, {"masked": {}, "unmasked": {}, "none": {}}
+
+    def decode(z):
+        img = vae.vae.decode(z[0].permute(1, 0, 2, 3) / vae.scaling_factor).sample
+        return ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+    for a, ca in enumerate(CLASSES):
+        s = _seeds(base, seed, a, 1)[0] + 77
+        loud = frame_loudness(synthesize_clip(ca, s, SAMPLE_RATE), SAMPLE_RATE, F)
+        rng = np.random.default_rng(s)
+        color = VIDEO_OBJECTS[int(rng.integers(len(VIDEO_OBJECTS)))][1]
+        raw, raw_m = render_video(s, F, 96, 128, color, scene=ca, loudness=loud)
+        frames = np.stack([resize_crop_frame(f, r["resolution"]) for f in raw])
+        masks = np.stack([resize_crop_mask(m, r["resolution"]) for m in raw_m])
+        z0 = vae.encode(frames, chunk=64).float().permute(1, 0, 2, 3)[None]  # (1, C, F, h, w)
+
+        def null(x, t):
+            return model3d(x, t, ehs).sample
+
+        zT, _ = ddim.invert(null, z0)
+        none8 = decode(ddim.sample(null, zT))
+        none_emb = scorer.embed_images(none8)
+        for b, cb in enumerate(CLASSES):
+            if b != a:
+                sem["none"][f"{ca}->{cb}"] = clip_scores(none_emb, text[b], text[a])["sem_a"]
+                ssim["none"][f"{ca}->{cb}"] = float(masked_ssim(frames, none8, masks))
+        for b, cb in enumerate(CLASSES):
+            if b == a:
+                continue
+            cond = AudioCondition(embedding=emb[b, :1])
+            for kind, mask in (("masked", torch.from_numpy(masks).float()[None]), ("unmasked", None)):
+                def guided(x, t, cond=cond, mask=mask):
+                    u = model3d(x, t, ehs).sample
+                    return u + w * (model3d(x, t, ehs, audio=cond, mask=mask).sample - u)
+
+                out8 = decode(ddim.sample(guided, zT))
+                sem[kind][f"{ca}->{cb}"] = clip_scores(scorer.embed_images(out8), text[b], text[a])["sem_a"]
+                ssim[kind][f"{ca}->{cb}"] = float(masked_ssim(frames, out8, masks))
+    fig = {}
+    for kind in ("masked", "unmasked", "none"):
+        v = list(sem[kind].values())
+        fig[f"edit_{kind}_sem_a_min"], fig[f"edit_{kind}_sem_a_mean"] = float(np.min(v)), float(np.mean(v))
+        fig[f"edit_{kind}_ssim_mean"] = float(np.mean(list(ssim[kind].values())))
+        fig[f"edit_{kind}_sem_a"] = sem[kind]
+    return fig
+
+
 # ----------------------------------------------------------------------------- saving
 
 
@@ -365,6 +571,39 @@ def save_vae(model, out: Path) -> Path:
     return p
 
 
+def save_unet(unet, out: Path) -> Path:
+    """The 2D U-Net as the base folder's unet/ (a standard diffusers U-Net folder), in float16 to halve
+    the file (the loader upcasts to float32; the recorded figures are measured on the reloaded model)."""
+    p = toy.path("unet", out) / "unet"
+    unet.to(torch.float16).save_pretrained(str(p))
+    unet.to(torch.float32)
+    return p
+
+
+def evaluate_unet(seed: int, recipe: dict, root: Path, edits: bool = True) -> dict:
+    """Figures of the U-Net saved in `root`, loaded through toy.load_unet (models.unet3d.from_pretrained),
+    on held-out frames and clips; the random tiny U-Net's denoising losses beside them."""
+    from models.unet3d_presets import build_unet2d
+
+    enc, vae = toy.load_audio_encoder(root), toy.load_vae(root)
+    model = toy.load_unet(root)
+    lat, y, emb = unet_data(vae, enc, seed, recipe, HELDOUT_BASE, recipe["heldout_per_class"])
+    fig = denoising_losses(model.unet, lat, y, emb, seed)
+    fig["tiny_heldout_loss_own"] = denoising_losses(build_unet2d("tiny", seed), lat, y, emb, seed)["heldout_loss_own"]
+    if edits:
+        fig.update(edit_sem_a(model, vae, toy.load_scorer(root), seed, recipe, emb))
+    return fig
+
+
+def short_unet_figures(seed: int, recipe: dict, root: Path, log=print) -> dict:
+    """Train a U-Net with `recipe` (not saved) and measure its held-out denoising losses."""
+    unet, fig = train_unet(seed, recipe, root, log=log)
+    enc, vae = toy.load_audio_encoder(root), toy.load_vae(root)
+    lat, y, emb = unet_data(vae, enc, seed, recipe, HELDOUT_BASE, recipe["heldout_per_class"])
+    fig.update(denoising_losses(unet, lat, y, emb, seed))
+    return fig
+
+
 def save_scorer(scorer, out: Path) -> Path:
     p = toy.path("clip", out)
     scorer.save(p)
@@ -376,7 +615,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=toy.TOY_DIR, help="output folder (default: models/toy)")
     ap.add_argument("--seed", type=int, default=RECIPE["seed"])
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    ap.add_argument("--only", choices=["audio", "scorer", "vae"], help="train one model only")
+    ap.add_argument("--only", choices=["audio", "scorer", "vae", "unet"],
+                    help="train one model only (unet needs the audio encoder and VAE in --out)")
+    ap.add_argument("--evaluate", action="store_true",
+                    help="with --only unet: do not train, re-measure the U-Net in --out and record its figures")
     ap.add_argument("--no-short-check", action="store_true", help="skip retraining the SHORT recipe for recipe.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -401,6 +643,17 @@ def main(argv=None) -> int:
         save_vae(model, args.out)
         record["vae"] = {"recipe": RECIPE["vae"], "figures": fig}
         print("vae:", json.dumps(fig))
+    if args.evaluate and args.only != "unet":
+        ap.error("--evaluate needs --only unet")
+    if args.only in (None, "unet"):
+        if args.evaluate:
+            fig = {k: v for k, v in record["unet"]["figures"].items() if k == "train_seconds"}
+        else:
+            unet, fig = train_unet(args.seed, RECIPE["unet"], args.out)
+            save_unet(unet, args.out)
+        fig.update(evaluate_unet(args.seed, RECIPE["unet"], args.out))
+        record["unet"] = {"recipe": RECIPE["unet"], "figures": fig}
+        print("unet:", json.dumps(fig))
     if not args.no_short_check:
         quiet = lambda *_: None  # noqa: E731
         check = record.setdefault("short_check", {})
@@ -410,6 +663,8 @@ def main(argv=None) -> int:
             check["scorer"] = train_scorer(args.seed, SHORT["scorer"], log=quiet)[1]
         if args.only in (None, "vae"):
             check["vae"] = train_vae(args.seed, SHORT["vae"], log=quiet)[1]
+        if args.only in (None, "unet"):
+            check["unet"] = short_unet_figures(args.seed, SHORT["unet"], args.out, log=quiet)
         check["recipe"] = SHORT
         print("short check:", json.dumps(check))
     recipe_path.write_text(json.dumps(record, indent=2) + "\n")

@@ -73,7 +73,7 @@ class ModelPaths(_Strict):
 
 class ModelsConfig(_Strict):
     # tiny: seeded random models; toy: the same models trained on the toy world where trained
-    # (models/toy.py: the audio encoder, the CLIP scorer and the VAE so far), tiny elsewhere; paper: local weights.
+    # (models/toy.py: the audio encoder, the CLIP scorer, the VAE and the U-Net), tiny elsewhere; paper: local weights.
     preset: Literal["tiny", "toy", "paper"] = "tiny"
     paths: ModelPaths = Field(default_factory=ModelPaths)
     device: str = "cpu"

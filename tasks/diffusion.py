@@ -173,7 +173,9 @@ def blank_prompt(cfg) -> torch.Tensor:
     ident = canonical_json({"base": base_identity(cfg), "device": cfg.models.device})
     if ident not in _PROMPTS:
         if cfg.models.preset in BUILTIN_PRESETS:
-            tok, enc = tiny_text_encoder(cfg.models.seed, hidden_size=PRESETS["tiny"]["cross_attention_dim"])
+            # toy: the toy U-Net was trained with the seed-0 tiny text encoder's "" (scripts/train_toy.py)
+            seed = 0 if cfg.models.preset == "toy" else cfg.models.seed
+            tok, enc = tiny_text_encoder(seed, hidden_size=PRESETS["tiny"]["cross_attention_dim"])
             enc.to(cfg.models.device)
         else:
             tok, enc = load_text_encoder(cfg.models.paths.base, cfg.models.device, setting="models.paths.base")
@@ -188,7 +190,12 @@ def load_unet(cfg, config: dict[str, Any], trainable: str | Path | None = None):
 
     conf = UNet3DConfig.from_dict(config)
     m = cfg.models
-    if m.preset in BUILTIN_PRESETS:
+    if m.preset == "toy":
+        from models import toy
+
+        # the trained toy base (models/toy/base: unet/ and vae/) through the real loader
+        model = from_pretrained(toy.path("unet"), trainable=trainable, config=conf, torch_dtype=torch.float32)
+    elif m.preset in BUILTIN_PRESETS:
         model = preset("tiny", seed=m.seed, config=conf)
         if trainable is not None:
             model.load_trainable(trainable)

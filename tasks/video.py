@@ -231,7 +231,8 @@ def model_identity(cfg, name: str, subpath: str | None = None) -> dict[str, Any]
     """
     if cfg.models.preset in BUILTIN_PRESETS:
         if cfg.models.preset == "toy":
-            trained = "vae" if (name, subpath) == ("base", "vae") else name
+            # the base folder (models/toy/base: vae/ and unet/); its blank prompt is the seed-0 tiny one
+            trained = {("base", "vae"): "vae", ("base", None): "unet"}.get((name, subpath), name)
             if trained in toy_models.TRAINED:
                 return toy_models.identity(trained)
         return {"preset": "tiny", "seed": cfg.models.seed}  # toy: the parts not trained yet are tiny's
