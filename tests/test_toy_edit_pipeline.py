@@ -51,6 +51,7 @@ def _scene_change_corr(store, row) -> float:
     return float(np.corrcoef(change, mag)[0, 1]) if change.std() > 0 and mag.std() > 0 else float("nan")
 
 
+@pytest.mark.heavy(100)
 def test_toy_edits_follow_the_sound_and_keep_the_object(prefect_server, tmp_path, capsys):
     import yaml
 

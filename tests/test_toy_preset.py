@@ -248,6 +248,7 @@ def test_trained_vae_reconstructs_toy_frames(toy_cfg):
     assert 0.7 <= trained["latent_std"] <= 1.4  # the scaling factor gives about unit-variance latents
 
 
+@pytest.mark.heavy(120)
 def test_short_retraining_reproduces_recorded_figures(recipe):
     """scripts/train_toy.py's SHORT recipe, retrained here, lands within tolerance of recipe.json."""
     recorded = recipe["short_check"]
