@@ -15,7 +15,8 @@ real loaders, exactly as real weights would:
                                           model.safetensors, tokenizer files,
                                           preprocessor_config.json), read by
                                           ClipScorer.from_folder
-    models/toy/base/vae/                  the tiny AutoencoderKL as a diffusers base folder's
+    models/toy/base/vae/                  an AutoencoderKL of the tiny blocks with three levels
+                                          (latents 1/4 of the frame) as a diffusers base folder's
                                           vae/ (config.json with its scaling factor,
                                           diffusion_pytorch_model.safetensors), read by
                                           FrameVAE.from_base_folder
@@ -23,16 +24,22 @@ real loaders, exactly as real weights would:
                                           embedding) as the base folder's unet/ (float16
                                           safetensors), read by models.unet3d.from_pretrained
                                           (tasks.diffusion.load_unet), inflated as any base
+    models/toy/base/audioscenic_init.safetensors
+                                          the Magnitude Modulator trained with that U-Net,
+                                          loaded over the inflated parts by from_pretrained
+                                          (models.unet3d_io.PART_INIT_FILE)
     models/toy/recipe.json                how they were made: seed, steps, data recipe,
                                           the held-out figures measured after training
 
 What is trained so far: the audio encoder (clips of one class embed together), the
 CLIP-shaped scorer (knows the four class prompts "a photo of <label>"), the VAE
-(reconstructs toy-world frames at the demo's 64 px) and the U-Net (denoises toy latents
-conditioned through TASI on the audio embedding). The text encoder is the tiny one of
+(reconstructs toy-world frames at the demo's 64 px) and the U-Net with its Magnitude
+Modulator (denoises toy latents conditioned through TASI on the audio embedding and per
+frame on M_a). The text encoder is the tiny one of
 seed 0 (the U-Net was trained with its blank prompt), whatever models.seed says. Every other
 model of the pipeline (ControlNet, depth, masks) is, under
-the toy preset, still the tiny preset's seeded random model: `TRAINED` lists what is
+the toy preset, still the tiny preset's seeded random model (the ControlNet's conditioning
+sized to the toy VAE's latents, `vae_downsample`): `TRAINED` lists what is
 trained, and the tasks fall back to the tiny builders for the rest.
 
 Decision: the toy weights do not depend on `models.seed` (they are one committed
@@ -82,6 +89,14 @@ def identity(name: str) -> dict:
     if not p.exists():
         return {"preset": "toy", "path": str(p), "missing": True}
     return {"preset": "toy", "sha256": _digest(str(p))}
+
+
+def vae_downsample(root: str | Path | None = None) -> int:
+    """How much smaller than the frame the toy VAE's latents are (2^(levels - 1), from its config.json)."""
+    import json
+
+    cfg = json.loads((path("vae", root) / "vae" / "config.json").read_text())
+    return 2 ** (len(cfg["block_out_channels"]) - 1)
 
 
 def load_audio_encoder(root: str | Path | None = None):

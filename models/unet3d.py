@@ -140,8 +140,10 @@ from .unet3d_blocks import (
 from .unet3d_config import STRUCTURAL, SWITCHES, UNet3DConfig
 from .unet3d_io import (
     CONFIG_FILE,
+    PART_INIT_FILE,
     TRAINABLE_FILE,
     find_unet_folder,
+    load_part_init,
     load_tasi_components,
     load_trainable,
     load_unet2d,
@@ -581,6 +583,9 @@ def from_pretrained(
     * or a folder written by save_pretrained (adds audioscenic_unet3d.json and
       trainable.safetensors).
 
+    A root that holds audioscenic_init.safetensors (models.unet3d_io.PART_INIT_FILE) gives
+    initial weights for (some of) the inflated parts, loaded before `trainable`.
+
     `trainable` (a save_trainable file) is loaded over the inflated base; its stored
     config is used when `config` is not given.
     """
@@ -598,6 +603,8 @@ def from_pretrained(
     model = inflate(unet, config, **switches).eval()
     if pipeline_root is not None:
         load_tasi_components(model.tasi, pipeline_root)
+    if (root / PART_INIT_FILE).is_file():
+        load_part_init(model, root / PART_INIT_FILE)
     if trainable is not None:
         load_trainable(model, trainable)
     return model

@@ -20,11 +20,17 @@ if TYPE_CHECKING:
 __all__ = [
     "TRAINABLE_FORMAT", "TRAINABLE_FILE", "CONFIG_FILE", "save_trainable", "read_trainable_config",
     "load_trainable", "find_unet_folder", "load_unet2d", "load_tasi_components", "save_pretrained",
+    "PART_INIT_FILE", "save_part_init", "load_part_init",
 ]
 
 TRAINABLE_FORMAT = "audioscenic-unet3d-trainable/1"
 TRAINABLE_FILE = "trainable.safetensors"
 CONFIG_FILE = "audioscenic_unet3d.json"
+# Initial weights for the inflated parts, shipped beside a base's unet/ (a base whose Magnitude
+# Modulator was trained with it, as the toy preset's). Unlike trainable.safetensors it may hold
+# any subset of the new parts and fits every variant; what it lacks keeps the identity init.
+PART_INIT_FILE = "audioscenic_init.safetensors"
+PART_INIT_FORMAT = "audioscenic-unet3d-part-init/1"
 _WEIGHT_GLOBS = ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin", "*.index.json")
 
 
@@ -77,6 +83,48 @@ def load_trainable(model: AudioScenicUNet3D, path: str | Path) -> None:
     with torch.no_grad():
         for k in expected:
             own[k].copy_(state[k].to(own[k].device, own[k].dtype))
+
+
+def save_part_init(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Initial weights of new parts (names as in the inflated model, e.g.
+    `unet.down_blocks.0.resnets.0.magnitude_modulator.proj.weight`), written atomically."""
+    from safetensors.torch import save_file
+
+    bad = sorted(k for k in tensors if not _is_new_part(k))
+    if bad:
+        raise ValueError(f"part init holds only the inflated parts' weights, not {bad[:3]}")
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"format": PART_INIT_FORMAT})
+    tmp.replace(p)
+    return p
+
+
+def load_part_init(model: AudioScenicUNet3D, path: str | Path) -> list[str]:
+    """Load a part-init file over the inflated model; returns the names loaded.
+
+    Every tensor must name an inflated part of a block this model has, with the model's shape where
+    the model has that part. Parts this variant switched off (e.g. no Magnitude Modulator) are
+    skipped; a tensor whose block the model lacks is an error (the file is another architecture's)."""
+    what = "AudioScenic U-Net part init"
+    state = load_state_dict(path, what)
+    own = dict(model.named_parameters())
+    blocks = {name for name, _ in model.named_modules()}
+    foreign = sorted(k for k in state if not _is_new_part(k))
+    alien = sorted(k for k in state if k not in foreign and k[:_NEW_PART.search(k).start()] not in blocks)
+    bad = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
+    if foreign or alien or bad:
+        raise CheckpointMismatchError(
+            f"{what}: '{path}' does not fit the model; not inflated parts {foreign[:5]}, blocks the model "
+            f"lacks {alien[:5]}, shape mismatch {bad[:5]}"
+        )
+    used = sorted(k for k in state if k in own)
+    with torch.no_grad():
+        for k in used:
+            own[k].copy_(state[k].to(own[k].device, own[k].dtype))
+    return used
 
 
 def find_unet_folder(path: Path) -> tuple[Path, Path | None]:

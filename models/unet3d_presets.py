@@ -90,11 +90,18 @@ def build_unet2d(name: str = "tiny", seed: int = 0, class_embedding: bool = True
     return unet.eval()
 
 
-def build_controlnet(name: str = "tiny", seed: int = 0) -> ControlNetModel:
+def build_controlnet(name: str = "tiny", seed: int = 0, latent_downsample: int = 8) -> ControlNetModel:
     """A ControlNet matching the tiny U-Net's blocks, without class embedding (like
-    the SD 2.1 depth ControlNets), seeded random weights (zero convs stay zero)."""
+    the SD 2.1 depth ControlNets), seeded random weights (zero convs stay zero).
+
+    latent_downsample: how much smaller than the frame the VAE's latents are (8 for SD's VAE);
+    the conditioning embedding halves the depth map that many times over, so the depth at frame
+    resolution lands on the latent grid."""
     if name != "tiny":
         raise ValueError("only the 'tiny' ControlNet preset exists; load real ControlNets from a diffusers folder")
+    halvings = int(latent_downsample).bit_length() - 1
+    if latent_downsample < 1 or 2 ** halvings != latent_downsample or halvings > 3:
+        raise ValueError(f"latent_downsample must be 1, 2, 4 or 8, got {latent_downsample}")
     p = PRESETS["tiny"]
     with _seeded(seed):
         cn = ControlNetModel(
@@ -106,6 +113,6 @@ def build_controlnet(name: str = "tiny", seed: int = 0) -> ControlNetModel:
             attention_head_dim=p["attention_head_dim"],
             norm_num_groups=p["norm_num_groups"],
             use_linear_projection=p["use_linear_projection"],
-            conditioning_embedding_out_channels=(8, 16, 16, 16),
+            conditioning_embedding_out_channels=(8, 16, 16, 16)[: halvings + 1],
         )
     return cn.eval()

@@ -27,24 +27,31 @@ What it trains (issue 18, first part):
    CLIP's image-to-text cross-entropy over the four prompts, with CLIP's learned
    logit scale.
 
-3. The VAE: diffusers `AutoencoderKL` at the tiny preset's sizes (`models.vae.vae_config(tiny=True)`,
-   latents 1/8 of the frame, 4 latent channels, widths 8-16; the recipe can widen it,
-   but 16-32 for 600 steps did no better than 8-16 for 400, at 4x the time), seeded init, on toy-world and plain-world frames resized and
-   centre-cropped to the demo's 64 px exactly as the frames stage does. Loss: MSE + L1 of
-   the reconstruction of a posterior sample + a tiny KL term; afterwards the config's
-   scaling factor is set to 1 / std of the training latents (as SD's 0.18215 was chosen).
+3. The VAE: diffusers `AutoencoderKL` with the tiny preset's blocks (`models.vae.vae_config(tiny=True)`)
+   but three levels of widths 8-16-32, so its latents are 1/4 of the frame (16 x 16 at the demo's
+   64 px; at 1/8, an object of a few latents could not come back sharp: masked SSIM 0.78, against
+   0.85 at 1/4), 4 latent channels, seeded init, on toy-world and plain-world frames resized and
+   centre-cropped to 64 px exactly as the frames stage does. Loss: MSE + L1 of the reconstruction of
+   a posterior sample + a tiny KL term; afterwards the config's scaling factor is set to
+   1 / std of the training latents (as SD's 0.18215 was chosen). The pipeline reads the
+   downsampling from the VAE's config (the toy preset's tiny ControlNet is built to match).
 
 4. The U-Net: the tiny preset's `UNet2DConditionModel` (models.unet3d_presets, unCLIP-style
-   class embedding "projection" of 2 x 1024), seeded init, trained as the pipeline's base
-   model: v-prediction (the tiny DDIM schedule, models.ddim.tiny_scheduler_config) on the
-   toy VAE's latents of single toy-world and plain-world frames at 64 px, with the blank
-   prompt of the seed-0 tiny text encoder, conditioned through the class embedding on
-   TASI's label (noise level 0) of the toy audio encoder's embedding of a clip of the
-   frame's class; plain-world frames and 15% of the others get unCLIP's null label
-   (zeros), so the null condition means "any scene" (inversion, guidance). Only the 2D
-   U-Net is trained: the inflated model's new parts keep their identity init and are
-   what the pipeline's per-video fine-tuning trains. Saved in float16 (3.5 MB) as
-   models/toy/base/unet/, read by models.unet3d.from_pretrained.
+   class embedding "projection" of 2 x 1024), seeded init, inflated (models.unet3d) and trained
+   as the pipeline's base model through the 3D forward: v-prediction (the tiny DDIM schedule,
+   models.ddim.tiny_scheduler_config) on the toy VAE's latents of 4-frame toy-world and
+   plain-world clips, with the blank prompt of the seed-0 tiny text encoder, conditioned
+   through the class embedding on TASI's label (noise level 0) of the toy audio encoder's
+   embedding of a clip of the frames' class, and per frame on M_a of the look's strength
+   through the Magnitude Modulator (the strength is drawn per frame; M_a is derived from it
+   exactly as tasks.audio derives it from a clip's loudness); plain-world clips and 15% of
+   the others get the zero condition (unCLIP's null label, no Magnitude Modulator), so the
+   null condition means "any scene" (inversion, guidance). Half the batches give SceneMasker
+   the object masks. Trained: the 2D U-Net and the Magnitude Modulator; the other inflated
+   parts keep their identity init and are what the per-video fine-tuning trains. Saved as
+   models/toy/base/unet/ (float16, read by models.unet3d.from_pretrained) and
+   models/toy/base/audioscenic_init.safetensors (the Magnitude Modulator, which
+   from_pretrained loads over the inflated parts: models.unet3d_io.PART_INIT_FILE).
 
 Held-out figures (written into recipe.json, checked by tests/test_toy_preset.py):
 nearest-centroid accuracy of held-out audio (centroids from the training audio,
@@ -53,9 +60,10 @@ whole-clip embeddings), and, for the scorer, Sem-A of held-out toy-world videos
 against every other label as source: min and mean over the pairs; for the VAE, PSNR of
 held-out frames through encode (posterior mean) and decode, and the masked SSIM
 (tasks.metrics.masked_ssim) of the reconstruction over the object; for the U-Net, the
-v-prediction MSE of held-out latents with their own class's audio, the null label and another
-class's audio (and the random tiny U-Net's), and edits of held-out toy videos (edit_sem_a):
-Sem-A and masked SSIM with and without the SceneMasker mask, and with no audio at all.
+v-prediction MSE of held-out clips with their own class's audio, the null condition, another
+class's audio, and the own class with M_a withheld (all ones), and the random tiny U-Net's; and
+edits of held-out toy videos (edit_sem_a): Sem-A, masked SSIM and the correlation of the scene's
+per-frame change with M_a, with and without the SceneMasker mask, and with no audio at all.
 
 Reproducibility: everything is drawn from numpy / torch generators seeded by --seed;
 with the same --threads the weights are bitwise identical. Other thread counts change
@@ -92,11 +100,12 @@ RECIPE = {
               "gain_shift": [-0.3, 0.1], "noise": 0.05, "heldout_per_class": 12},
     "scorer": {"videos_per_class": 320, "frames_per_video": 1, "height": 96, "width": 128, "steps": 600,
                "batch": 64, "lr": 2e-3, "weight_decay": 0.05, "jitter": 0.15, "heldout_per_class": 6, "heldout_frames": 24},
-    "unet": {"clips_per_class": 8, "videos_per_class": 64, "frames_per_video": 2, "resolution": 64, "steps": 1500,
-             "batch": 64, "lr": 2e-3, "weight_decay": 0.0, "cond_drop": 0.15, "heldout_per_class": 4,
+    "unet": {"clips_per_class": 8, "videos_per_class": 64, "frames_per_video": 4, "resolution": 64, "steps": 1200,
+             "batch": 12, "lr": 2e-3, "weight_decay": 0.0, "cond_drop": 0.15, "mask_fraction": 0.5, "fg_consistency": 1.0,
+             "heldout_per_class": 4,
              "edit_steps": 20, "edit_frames": 8, "guidance": 3.0},
-    "vae": {"block_out_channels": [8, 8, 16, 16], "norm_num_groups": 4,
-            "videos_per_class": 60, "frames_per_video": 2, "resolution": 64, "steps": 2000, "batch": 16,
+    "vae": {"block_out_channels": [16, 32, 32], "norm_num_groups": 4, "object_weight": 4.0,
+            "videos_per_class": 60, "frames_per_video": 2, "resolution": 64, "steps": 3000, "batch": 16,
             "lr": 2e-3, "weight_decay": 0.0, "kl_weight": 1e-6, "heldout_per_class": 4},
 }
 
@@ -106,7 +115,7 @@ SHORT = {
     "audio": dict(RECIPE["audio"], clips_per_class=8, steps=40, batch=32, heldout_per_class=4),
     "scorer": dict(RECIPE["scorer"], videos_per_class=10, steps=60, heldout_per_class=2, heldout_frames=12),
     "vae": dict(RECIPE["vae"], videos_per_class=6, steps=30, heldout_per_class=1),
-    "unet": dict(RECIPE["unet"], videos_per_class=16, steps=120, batch=32, heldout_per_class=2),
+    "unet": dict(RECIPE["unet"], videos_per_class=16, steps=120, batch=8, heldout_per_class=2),
 }
 
 
@@ -312,15 +321,18 @@ def train_vae(seed: int, recipe: dict, log=print):
     Loss: MSE + L1 of the reconstruction of a posterior sample, plus kl_weight x KL. The
     scaling factor is then set, as SD's was, to 1 / std of the training frames' latent means,
     so the diffusion model sees unit-variance latents."""
-    from models.vae import FrameVAE, vae_config
+    from models.vae import DOWN, UP, FrameVAE, vae_config
 
     r = recipe
     t0 = time.time()
-    frames, _ = vae_frames(seed, r["videos_per_class"], r["frames_per_video"], r["resolution"], TRAIN_BASE)
+    frames, masks = vae_frames(seed, r["videos_per_class"], r["frames_per_video"], r["resolution"], TRAIN_BASE)
     x = _to_tensor(frames)
+    # per-pixel loss weight: the object counts object_weight times more (it is what an edit must keep)
+    weight = 1.0 + r.get("object_weight", 0.0) * torch.from_numpy(np.asarray(masks, np.float32))[:, None]
     log(f"vae: {len(x)} training frames rendered in {time.time() - t0:.1f} s")
+    levels = len(r["block_out_channels"])  # latents 1 / 2^(levels - 1) of the frame
     config = dict(vae_config(tiny=True), block_out_channels=tuple(r["block_out_channels"]),
-                  norm_num_groups=r["norm_num_groups"])
+                  down_block_types=DOWN[:levels], up_block_types=UP[:levels], norm_num_groups=r["norm_num_groups"])
     model = FrameVAE.random(seed, **config)
     vae = model.vae.train()
     gen = torch.Generator().manual_seed(seed + 2)
@@ -329,13 +341,14 @@ def train_vae(seed: int, recipe: dict, log=print):
     t1 = time.time()
     for step in range(r["steps"]):
         idx = torch.randint(len(x), (r["batch"],), generator=gen)
-        xb = x[idx]
-        flip = torch.rand(len(idx), generator=gen) < 0.5
-        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+        xb, wb = x[idx], weight[idx]
+        flip = (torch.rand(len(idx), generator=gen) < 0.5)[:, None, None, None]
+        xb, wb = torch.where(flip, xb.flip(-1), xb), torch.where(flip, wb.flip(-1), wb)
         post = vae.encode(xb).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
-        loss = torch.nn.functional.mse_loss(rec, xb) + (rec - xb).abs().mean() + r["kl_weight"] * post.kl().mean()
+        err = (rec - xb) ** 2 + (rec - xb).abs()
+        loss = (wb * err).mean() / wb.mean() + r["kl_weight"] * post.kl().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -386,102 +399,166 @@ def _class_embeddings(encoder, seed: int, base: int, n: int) -> torch.Tensor:
     return embed(encoder, x).reshape(len(CLASSES), n, -1)
 
 
-def unet_data(vae, encoder, seed: int, recipe: dict, base: int, videos_per_class: int):
-    """Latents (N, 4, h, w) of toy-world frames (every class's look, and the plain world) as the
-    latents stage makes them (FrameVAE.encode: posterior mean x scaling factor), their class
-    (0..3, -1 = plain world), and the audio embeddings of clips of each class (4, n, 1024)."""
+def magnitude_of(loudness) -> torch.Tensor:
+    """M_a (F,) of a window whose frames hear these per-frame loudnesses, as the pipeline derives it
+    (tasks.audio.weights_from_means: peak-normalised, F * softmax(m / tau), the default tau)."""
+    from tasks.audio import weights_from_means
+    from tasks.config import AudioStageConfig
+
+    return weights_from_means(np.asarray(loudness, np.float64), AudioStageConfig().temperature)
+
+
+def unet_data(vae, encoder, seed: int, recipe: dict, base: int, videos_per_class: int) -> dict:
+    """Clips of `frames_per_video` consecutive toy-world frames (every class's look, and the plain
+    world) as the latents stage makes them (FrameVAE.encode: posterior mean x scaling factor):
+
+    lat (N, C, F, h, w); masks (N, F, R, R) float, 1 = object; y (N,) class (-1 = plain world);
+    loud (N, F): the look's per-frame strength, u^2 per frame (u uniform) divided by the clip's
+    largest, so it is exactly the peak-normalised loudness M_a is computed from; mag (N, F): that M_a;
+    emb (4, n, 1024): audio embeddings of n synthesised clips per class."""
+    from tasks.video import resize_crop_frame, resize_crop_mask
+
     r = recipe
-    frames, _ = vae_frames(seed + 7, videos_per_class, r["frames_per_video"], r["resolution"], base)
-    n = videos_per_class * r["frames_per_video"]
-    y = torch.tensor([k for k in range(len(CLASSES)) for _ in range(n)] + [-1] * n)
-    lat = vae.encode(frames, chunk=64).float()
-    emb = _class_embeddings(encoder, seed, base + 50_000, r["clips_per_class"])
-    return lat, y, emb
+    F = r["frames_per_video"]
+    rng = np.random.default_rng([seed, 7])
+    frames, masks, ys, louds = [], [], [], []
+    for k, c in enumerate(CLASSES + [None]):
+        for s in _seeds(base, seed + 7, k, videos_per_class):
+            color = VIDEO_OBJECTS[int(rng.integers(len(VIDEO_OBJECTS)))][1]
+            loud = rng.uniform(0, 1, F) ** 2
+            loud = loud / loud.max()
+            f, m = render_video(s, F, 96, 128, color, scene=c, loudness=None if c is None else loud)
+            frames.extend(resize_crop_frame(x, r["resolution"]) for x in f)
+            masks.extend(resize_crop_mask(x, r["resolution"]) for x in m)
+            ys.append(-1 if c is None else k)
+            louds.append(loud)
+    lat = vae.encode(np.stack(frames), chunk=64).float()
+    n = len(ys)
+    lat = lat.reshape(n, F, *lat.shape[1:]).transpose(1, 2).contiguous()
+    loud = torch.tensor(np.stack(louds), dtype=torch.float32)
+    return {"lat": lat, "masks": torch.from_numpy(np.stack(masks).astype(np.float32)).reshape(n, F, *masks[0].shape),
+            "y": torch.tensor(ys), "loud": loud, "mag": torch.stack([magnitude_of(x) for x in louds]),
+            "emb": _class_embeddings(encoder, seed, base + 50_000, r["clips_per_class"])}
 
 
-def _labels(tasi, emb: torch.Tensor, y: torch.Tensor, gen: torch.Generator, drop: float) -> torch.Tensor:
-    """TASI class labels (B, 2048) for classes y: a random clip's embedding of the class, augmented at
-    noise level 0 as the pipeline does; the plain world (y = -1) and a `drop` fraction get unCLIP's null (zeros)."""
-    clip = torch.randint(emb.shape[1], (len(y),), generator=gen)
-    e = emb[y.clamp(min=0), clip]
-    lab = tasi.augment(e, 0)
-    keep = (y >= 0) & (torch.rand(len(y), generator=gen) >= drop)
-    return lab * keep[:, None].to(lab.dtype)
+def trains_in_base(name: str) -> bool:
+    """What the toy base training trains: the whole 2D U-Net and the Magnitude Modulator (the other
+    inflated parts keep their identity init for the pipeline's fine-tuning)."""
+    from models.unet3d_io import _is_new_part
+
+    return not _is_new_part(name) or ".magnitude_modulator." in name
+
+
+def _condition(d: dict, idx: torch.Tensor, gen: torch.Generator, drop: float, klass=None, magnitude=None):
+    """The AudioCondition of clips idx: a random clip's embedding of the class (klass, default the
+    frames' own) and M_a; plain-world clips and a `drop` fraction are the zero condition."""
+    from models.audio_conditioning import AudioCondition
+
+    y = d["y"][idx] if klass is None else klass
+    clip = torch.randint(d["emb"].shape[1], (len(idx),), generator=gen)
+    keep = (d["y"][idx] >= 0) & (torch.rand(len(idx), generator=gen) >= drop)
+    return AudioCondition(embedding=d["emb"][y.clamp(min=0), clip],
+                          magnitude=d["mag"][idx] if magnitude is None else magnitude, active=keep)
 
 
 def train_unet(seed: int, recipe: dict, root: Path, log=print):
     """The tiny preset's UNet2DConditionModel (models.unet3d_presets, class embedding 'projection' of
-    2 x 1024), trained from its seeded init as the base model of the pipeline: v-prediction on the
-    toy VAE's latents of single toy-world frames, conditioned through the class embedding on TASI's
-    label of the toy audio encoder's embedding of a clip of the frame's class (unCLIP's null label
-    for plain-world frames and, with probability cond_drop, for any frame, so classifier-free
-    guidance and null-condition inversion work). Needs the trained toy audio encoder and VAE in `root`."""
-    from models.audio_conditioning import TASI
+    2 x 1024), inflated, trained from its seeded init as the base model of the pipeline: v-prediction
+    on the toy VAE's latents of short toy-world clips through the 3D forward, conditioned through the
+    class embedding on TASI's label of the toy audio encoder's embedding of a clip of the frames' class
+    and, per frame, on the M_a of the look's strength through the Magnitude Modulator (unCLIP's null
+    condition for plain-world clips and, with probability cond_drop, for any clip, so classifier-free
+    guidance and null-condition inversion work). Half the batches give SceneMasker the object masks,
+    half give none. Trained: the 2D U-Net and the Magnitude Modulator (trains_in_base). Needs the
+    trained toy audio encoder and VAE in `root`. Returns the inflated model."""
+    from diffusers import DDIMScheduler
+
     from models.ddim import noisy_and_target, tiny_scheduler_config
+    from models.unet3d import inflate
     from models.unet3d_presets import build_unet2d
 
     r = recipe
     t0 = time.time()
     enc, vae = toy.load_audio_encoder(root), toy.load_vae(root)
-    lat, y, emb = unet_data(vae, enc, seed, r, TRAIN_BASE, r["videos_per_class"])
-    log(f"unet: {len(lat)} training latents, {emb.shape[1]} clips per class in {time.time() - t0:.1f} s")
-    from diffusers import DDIMScheduler
-
+    d = unet_data(vae, enc, seed, r, TRAIN_BASE, r["videos_per_class"])
+    n = len(d["y"])
+    log(f"unet: {n} training clips of {r['frames_per_video']} frames, {d['emb'].shape[1]} audio clips per class "
+        f"in {time.time() - t0:.1f} s")
     alphas = DDIMScheduler.from_config(tiny_scheduler_config()).alphas_cumprod
     ehs = _blank_prompt()
-    tasi = TASI(1024, None, 0)
-    unet = build_unet2d("tiny", seed).train()
+    model = inflate(build_unet2d("tiny", seed)).train()
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(trains_in_base(name))
+        if p.requires_grad:
+            params.append(p)
     gen = torch.Generator().manual_seed(seed + 3)
-    opt = torch.optim.AdamW(unet.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    opt = torch.optim.AdamW(params, lr=r["lr"], weight_decay=r["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["steps"], pct_start=0.05)
     t1 = time.time()
     for step in range(r["steps"]):
-        idx = torch.randint(len(lat), (r["batch"],), generator=gen)
-        z0 = lat[idx]
+        idx = torch.randint(n, (r["batch"],), generator=gen)
+        z0 = d["lat"][idx]
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(1000, (len(idx),), generator=gen)
         x_t, target = noisy_and_target(alphas, z0, noise, t, "v_prediction")
-        labels = _labels(tasi, emb, y[idx], gen, r["cond_drop"])
-        out = unet(x_t, t, ehs.expand(len(idx), -1, -1), class_labels=labels).sample
+        cond = _condition(d, idx, gen, r["cond_drop"])
+        mask = d["masks"][idx] if float(torch.rand((), generator=gen)) < r["mask_fraction"] else None
+        consistent = mask is not None and r.get("fg_consistency", 0) > 0
+        if consistent:
+            # SceneMasker's promise: the audio changes the scene only. Where the object is, the conditioned
+            # output must equal the no-audio one, which guidance's u + w (c - u) then leaves untouched there.
+            # (Run first: a forward with gradients keeps its state for the backward.)
+            with torch.no_grad():
+                u = model(x_t, t, ehs.expand(len(idx), -1, -1)).sample
+        out = model(x_t, t, ehs.expand(len(idx), -1, -1), audio=cond, mask=mask).sample
         loss = torch.nn.functional.mse_loss(out, target)
+        if consistent:
+            fg = torch.nn.functional.adaptive_max_pool2d(mask, out.shape[-2:])[:, None]  # (B, 1, F, h, w)
+            gap = (fg * (out - u)) ** 2
+            loss = loss + r["fg_consistency"] * gap.sum() / (fg.sum() * out.shape[1]).clamp(min=1)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if step % 100 == 0 or step == r["steps"] - 1:
             log(f"unet step {step:4d} loss {loss.item():.4f} ({time.time() - t1:.0f} s)")
-    unet.eval()
+    model.release_state()
+    model.eval()
     figures = {"train_seconds": round(time.time() - t0, 1)}
-    return unet, figures
+    return model, figures
 
 
 @torch.no_grad()
-def denoising_losses(unet, lat, y, emb, seed: int, repeats: int = 4) -> dict:
-    """Held-out v-prediction MSE at fixed (seeded) noise and timesteps, with the frame's own class
-    label, unCLIP's null label, and another class's label (y + 1 mod 4); plain-world frames excluded."""
-    from models.audio_conditioning import TASI
-    from models.ddim import noisy_and_target, tiny_scheduler_config
+def denoising_losses(model3d, d: dict, seed: int, repeats: int = 4) -> dict:
+    """Held-out v-prediction MSE (3D forward) at fixed (seeded) noise and timesteps, with the clip's own
+    class and M_a ("own"), unCLIP's null condition ("null"), another class (y + 1 mod 4, "other"), and
+    the own class with a flat M_a of ones ("flat": the loudness withheld); plain-world clips excluded."""
     from diffusers import DDIMScheduler
+
+    from models.audio_conditioning import AudioCondition
+    from models.ddim import noisy_and_target, tiny_scheduler_config
 
     alphas = DDIMScheduler.from_config(tiny_scheduler_config()).alphas_cumprod
     ehs = _blank_prompt()
-    tasi = TASI(1024, None, 0)
-    keep = y >= 0
-    lat, y = lat[keep], y[keep]
+    keep = torch.nonzero(d["y"] >= 0).flatten()
+    lat, y, mag = d["lat"][keep], d["y"][keep], d["mag"][keep]
+    clip = torch.arange(len(y)) % d["emb"].shape[1]
+    conds = {"own": AudioCondition(embedding=d["emb"][y, clip], magnitude=mag), "null": None,
+             "other": AudioCondition(embedding=d["emb"][(y + 1) % len(CLASSES), clip], magnitude=mag),
+             "flat": AudioCondition(embedding=d["emb"][y, clip], magnitude=torch.ones_like(mag))}
     gen = torch.Generator().manual_seed(seed + 11)
-    sums = {"own": 0.0, "null": 0.0, "other": 0.0}
+    sums = dict.fromkeys(conds, 0.0)
     for _ in range(repeats):
         noise = torch.randn(lat.shape, generator=gen)
         t = torch.randint(1000, (len(lat),), generator=gen)
         x_t, target = noisy_and_target(alphas, lat, noise, t, "v_prediction")
-        e_own = emb[y, torch.arange(len(y)) % emb.shape[1]]
-        e_other = emb[(y + 1) % len(CLASSES), torch.arange(len(y)) % emb.shape[1]]
-        for name, lab in (("own", tasi.augment(e_own, 0)), ("null", torch.zeros(len(y), 2048)),
-                          ("other", tasi.augment(e_other, 0))):
-            for i in range(0, len(lat), 64):
-                out = unet(x_t[i:i + 64], t[i:i + 64], ehs.expand(len(x_t[i:i + 64]), -1, -1),
-                           class_labels=lab[i:i + 64]).sample
-                sums[name] += float(((out - target[i:i + 64]) ** 2).sum())
+        for name, cond in conds.items():
+            for i in range(0, len(lat), 16):
+                sl = slice(i, i + 16)
+                c = None if cond is None else AudioCondition(embedding=cond.embedding[sl], magnitude=cond.magnitude[sl])
+                out = model3d(x_t[sl], t[sl], ehs.expand(len(x_t[sl]), -1, -1), audio=c).sample
+                sums[name] += float(((out - target[sl]) ** 2).sum())
     n = repeats * lat.numel()
     return {f"heldout_loss_{k}": v / n for k, v in sums.items()}
 
@@ -490,15 +567,16 @@ def denoising_losses(unet, lat, y, emb, seed: int, repeats: int = 4) -> dict:
 def edit_sem_a(model3d, vae, scorer, seed: int, recipe: dict, emb: torch.Tensor, base: int = HELDOUT_BASE) -> dict:
     """Edits of held-out toy videos through the inflated U-Net (models.unet3d, its 3D forward and the
     pipeline's DDIM, no fine-tuning): invert with the null condition, sample with a target class's audio
-    embedding and classifier-free guidance, decode, and score with the toy scorer: Sem-A (target label
-    vs the source video's class label) for every (source, target) pair of different classes, and the
-    masked SSIM over the object (tasks.metrics.masked_ssim) of the edit with the object mask given to
-    SceneMasker ("masked") and without a mask ("unmasked", as "w/o SceneMasker"). The control "none"
-    samples from the same z_T with the null condition only (no audio): its Sem-A shows how much of the
-    scene change the audio makes."""
+    (embedding, and the M_a of a held-out clip of that class) and classifier-free guidance, decode, and
+    score with the toy scorer: Sem-A (target label vs the source video's class label) for every
+    (source, target) pair of different classes, the masked SSIM over the object (tasks.metrics.masked_ssim)
+    of the edit with the object mask given to SceneMasker ("masked") and without a mask ("unmasked", as
+    "w/o SceneMasker"), and the correlation over frames of the scene's change with M_a. The control
+    "none" samples from the same z_T with the null condition only (no audio): its Sem-A shows how much
+    of the scene change the audio makes."""
     from models.audio_conditioning import AudioCondition
     from models.ddim import DDIM, tiny_scheduler_config
-    from tasks.metrics import clip_scores, label_text, masked_ssim
+    from tasks.metrics import clip_scores, label_text, masked_ssim, scene_change_correlation
     from tasks.video import resize_crop_frame, resize_crop_mask
 
     r = recipe
@@ -506,12 +584,15 @@ def edit_sem_a(model3d, vae, scorer, seed: int, recipe: dict, emb: torch.Tensor,
     ehs = _blank_prompt()
     text = scorer.embed_texts([label_text(c) for c in CLASSES])
     F, w = r["edit_frames"], r["guidance"]
-    sem, ssim = {"masked": {}, "unmasked": {}, "none": {}}, {"masked": {}, "unmasked": {}, "none": {}}
+    kinds = ("masked", "unmasked", "none")
+    sem, ssim, corr = ({k: {} for k in kinds} for _ in range(3))
 
     def decode(z):
         img = vae.vae.decode(z[0].permute(1, 0, 2, 3) / vae.scaling_factor).sample
         return ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
+    target_mag = [magnitude_of(frame_loudness(synthesize_clip(c, _seeds(base, seed, b, 1)[0] + 99, SAMPLE_RATE),
+                                              SAMPLE_RATE, F)) for b, c in enumerate(CLASSES)]
     for a, ca in enumerate(CLASSES):
         s = _seeds(base, seed, a, 1)[0] + 77
         loud = frame_loudness(synthesize_clip(ca, s, SAMPLE_RATE), SAMPLE_RATE, F)
@@ -532,10 +613,11 @@ def edit_sem_a(model3d, vae, scorer, seed: int, recipe: dict, emb: torch.Tensor,
             if b != a:
                 sem["none"][f"{ca}->{cb}"] = clip_scores(none_emb, text[b], text[a])["sem_a"]
                 ssim["none"][f"{ca}->{cb}"] = float(masked_ssim(frames, none8, masks))
+                corr["none"][f"{ca}->{cb}"] = scene_change_correlation(frames, none8, masks, target_mag[b])
         for b, cb in enumerate(CLASSES):
             if b == a:
                 continue
-            cond = AudioCondition(embedding=emb[b, :1])
+            cond = AudioCondition(embedding=emb[b, :1], magnitude=target_mag[b][None])
             for kind, mask in (("masked", torch.from_numpy(masks).float()[None]), ("unmasked", None)):
                 def guided(x, t, cond=cond, mask=mask):
                     u = model3d(x, t, ehs).sample
@@ -544,11 +626,13 @@ def edit_sem_a(model3d, vae, scorer, seed: int, recipe: dict, emb: torch.Tensor,
                 out8 = decode(ddim.sample(guided, zT))
                 sem[kind][f"{ca}->{cb}"] = clip_scores(scorer.embed_images(out8), text[b], text[a])["sem_a"]
                 ssim[kind][f"{ca}->{cb}"] = float(masked_ssim(frames, out8, masks))
+                corr[kind][f"{ca}->{cb}"] = scene_change_correlation(frames, out8, masks, target_mag[b])
     fig = {}
-    for kind in ("masked", "unmasked", "none"):
+    for kind in kinds:
         v = list(sem[kind].values())
         fig[f"edit_{kind}_sem_a_min"], fig[f"edit_{kind}_sem_a_mean"] = float(np.min(v)), float(np.mean(v))
         fig[f"edit_{kind}_ssim_mean"] = float(np.mean(list(ssim[kind].values())))
+        fig[f"edit_{kind}_corr_mean"] = float(np.nanmean(list(corr[kind].values())))
         fig[f"edit_{kind}_sem_a"] = sem[kind]
     return fig
 
@@ -571,36 +655,47 @@ def save_vae(model, out: Path) -> Path:
     return p
 
 
-def save_unet(unet, out: Path) -> Path:
-    """The 2D U-Net as the base folder's unet/ (a standard diffusers U-Net folder), in float16 to halve
-    the file (the loader upcasts to float32; the recorded figures are measured on the reloaded model)."""
-    p = toy.path("unet", out) / "unet"
-    unet.to(torch.float16).save_pretrained(str(p))
-    unet.to(torch.float32)
-    return p
+def save_unet(model, out: Path) -> Path:
+    """The base folder's unet/: the 2D U-Net of the inflated model as a standard diffusers U-Net folder, in
+    float16 to halve the file (the loader upcasts to float32; the recorded figures are measured on the
+    reloaded model); and beside it audioscenic_init.safetensors, the trained Magnitude Modulator
+    (models.unet3d_io.PART_INIT_FILE), which models.unet3d.from_pretrained loads over the inflated parts."""
+    from safetensors.torch import save_file
+
+    from models.unet3d_io import PART_INIT_FILE, _is_new_part, save_part_init
+
+    root = toy.path("unet", out)
+    unet_dir = root / "unet"
+    unet_dir.mkdir(parents=True, exist_ok=True)
+    model.unet.save_config(str(unet_dir))
+    base = {k: v.detach().to(torch.float16).contiguous() for k, v in model.unet.state_dict().items()
+            if not _is_new_part("unet." + k)}
+    save_file(base, str(unet_dir / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    save_part_init({k: v for k, v in model.named_parameters() if ".magnitude_modulator." in k}, root / PART_INIT_FILE)
+    return unet_dir
 
 
 def evaluate_unet(seed: int, recipe: dict, root: Path, edits: bool = True) -> dict:
     """Figures of the U-Net saved in `root`, loaded through toy.load_unet (models.unet3d.from_pretrained),
-    on held-out frames and clips; the random tiny U-Net's denoising losses beside them."""
-    from models.unet3d_presets import build_unet2d
+    on held-out clips; the random tiny U-Net's denoising loss beside them."""
+    from models.unet3d import preset
 
     enc, vae = toy.load_audio_encoder(root), toy.load_vae(root)
     model = toy.load_unet(root)
-    lat, y, emb = unet_data(vae, enc, seed, recipe, HELDOUT_BASE, recipe["heldout_per_class"])
-    fig = denoising_losses(model.unet, lat, y, emb, seed)
-    fig["tiny_heldout_loss_own"] = denoising_losses(build_unet2d("tiny", seed), lat, y, emb, seed)["heldout_loss_own"]
+    d = unet_data(vae, enc, seed, recipe, HELDOUT_BASE, recipe["heldout_per_class"])
+    fig = denoising_losses(model, d, seed)
+    fig["tiny_heldout_loss_own"] = denoising_losses(preset("tiny", seed), d, seed)["heldout_loss_own"]
     if edits:
-        fig.update(edit_sem_a(model, vae, toy.load_scorer(root), seed, recipe, emb))
+        fig.update(edit_sem_a(model, vae, toy.load_scorer(root), seed, recipe, d["emb"]))
     return fig
 
 
 def short_unet_figures(seed: int, recipe: dict, root: Path, log=print) -> dict:
     """Train a U-Net with `recipe` (not saved) and measure its held-out denoising losses."""
-    unet, fig = train_unet(seed, recipe, root, log=log)
+    model, fig = train_unet(seed, recipe, root, log=log)
     enc, vae = toy.load_audio_encoder(root), toy.load_vae(root)
-    lat, y, emb = unet_data(vae, enc, seed, recipe, HELDOUT_BASE, recipe["heldout_per_class"])
-    fig.update(denoising_losses(unet, lat, y, emb, seed))
+    d = unet_data(vae, enc, seed, recipe, HELDOUT_BASE, recipe["heldout_per_class"])
+    fig.update(denoising_losses(model, d, seed))
     return fig
 
 
@@ -631,17 +726,17 @@ def main(argv=None) -> int:
     if args.only in (None, "audio"):
         enc, fig = train_audio(args.seed, RECIPE["audio"])
         save_audio(enc, args.out)
-        record["audio"] = {"recipe": RECIPE["audio"], "figures": fig}
+        record["audio"] = {"recipe": RECIPE["audio"], "figures": fig, "threads": args.threads}
         print("audio:", json.dumps(fig))
     if args.only in (None, "scorer"):
         scorer, fig = train_scorer(args.seed, RECIPE["scorer"])
         save_scorer(scorer, args.out)
-        record["scorer"] = {"recipe": RECIPE["scorer"], "figures": fig}
+        record["scorer"] = {"recipe": RECIPE["scorer"], "figures": fig, "threads": args.threads}
         print("scorer:", json.dumps(fig))
     if args.only in (None, "vae"):
         model, fig = train_vae(args.seed, RECIPE["vae"])
         save_vae(model, args.out)
-        record["vae"] = {"recipe": RECIPE["vae"], "figures": fig}
+        record["vae"] = {"recipe": RECIPE["vae"], "figures": fig, "threads": args.threads}
         print("vae:", json.dumps(fig))
     if args.evaluate and args.only != "unet":
         ap.error("--evaluate needs --only unet")
@@ -652,7 +747,8 @@ def main(argv=None) -> int:
             unet, fig = train_unet(args.seed, RECIPE["unet"], args.out)
             save_unet(unet, args.out)
         fig.update(evaluate_unet(args.seed, RECIPE["unet"], args.out))
-        record["unet"] = {"recipe": RECIPE["unet"], "figures": fig}
+        trained_with = record["unet"].get("threads", args.threads) if args.evaluate else args.threads
+        record["unet"] = {"recipe": RECIPE["unet"], "figures": fig, "threads": trained_with}
         print("unet:", json.dumps(fig))
     if not args.no_short_check:
         quiet = lambda *_: None  # noqa: E731

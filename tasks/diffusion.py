@@ -24,6 +24,7 @@ from tasks.stage_lazy import torch  # imported on first use: planning needs no t
 from storage.hashing import canonical_json
 from storage.state import memo
 from tasks.config import BUILTIN_PRESETS, ConfigError
+from models import toy as toy_models
 from tasks.video import model_identity
 
 # U-Net switches that act only through the mask, which fine-tuning and inversion never pass.
@@ -213,7 +214,9 @@ def load_controlnet(cfg):
 
     m = cfg.models
     if m.preset in BUILTIN_PRESETS:
-        return build_controlnet("tiny", seed=m.seed).to(m.device).eval()
+        # toy: still tiny's random ControlNet, its conditioning sized to the toy VAE's latents
+        down = toy_models.vae_downsample() if m.preset == "toy" else 8
+        return build_controlnet("tiny", seed=m.seed, latent_downsample=down).to(m.device).eval()
     from diffusers import ControlNetModel
 
     from models.local_folders import DIFFUSERS_WEIGHTS, require_model_folder

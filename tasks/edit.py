@@ -16,7 +16,7 @@ EDIT_ONLY_SWITCHES: scene_masker, fuser_scene_masked) edit with one fine-tuned m
 on which each sets its own switches before its forwards. Optional, beyond the paper (stages.edit.foreground_blend, off by default):
 after every step the foreground latents are replaced by the inversion trajectory's
 latents of the same noise level, so the final foreground latents are the source's.
-The latent mask is the max over each 8x8 pixel block: any foreground pixel makes
+The latent mask is the max over each latent's pixel block (8x8 for SD's VAE): any foreground pixel makes
 its latent foreground.
 
 The span (tasks.span, decided at planning): N frames at fps_out from stages.video.start;

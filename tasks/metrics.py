@@ -15,6 +15,11 @@ Pure functions (public seams, DESIGN 7):
   every foreground pixel of every frame (each pixel weighs the same). Because the
   window has radius 5, pixels more than 5 px (Chebyshev distance) from every
   foreground pixel do not enter the value. No foreground at all gives NaN.
+- `scene_change_correlation(source, edited, mask, magnitude)`: the paper's claim of the
+  Magnitude Modulator (4.4: louder sound, stronger change) as a number: the Pearson
+  correlation over frames of the scene's change (mean |edited - source| over RGB and
+  the pixels outside the mask, 0..255) with the M_a that drove each frame. NaN with
+  fewer than 2 frames with scene pixels, or when either series is constant.
 - `clip_scores(frames_embeds, text_embeds_target, text_embeds_source=None)`:
   CLIP-T = mean over frames of 100 x cos(frame, target text); CLIP-F = mean cosine
   over all ordered frame pairs i != j; Temp-S = CLIP-F x CLIP-T; Sem-A = fraction
@@ -131,6 +136,30 @@ def masked_ssim(source, edited, mask) -> float:
     return float(sums.sum() / total) if total else float("nan")
 
 
+# ----------------------------------------------------------------------------- loudness
+
+
+# In the metrics key: what the loudness figure measures (a change of it must recompute the scores).
+SCENE_CHANGE = {"change": "mean abs RGB difference over the pixels outside the mask", "corr": "pearson vs M_a"}
+
+
+def scene_change_correlation(source, edited, mask, magnitude) -> float:
+    """corr over frames of (mean |edited - source| over the scene) with M_a; NaN when undefined (module doc)."""
+    src, out = np.asarray(source, np.float64), np.asarray(edited, np.float64)
+    scene = ~np.asarray(mask, bool)
+    m = np.asarray(magnitude, np.float64).reshape(-1)
+    if src.shape != out.shape or src.ndim != 4 or scene.shape != src.shape[:3] or len(m) != len(src):
+        raise ValueError(f"scene change: frames {src.shape} / {out.shape}, masks {scene.shape} and "
+                         f"{len(m)} magnitudes do not agree")
+    diff = np.abs(out - src).mean(-1)
+    has = scene.reshape(len(src), -1).any(1)
+    change = np.array([diff[k][scene[k]].mean() for k in np.flatnonzero(has)])
+    m = m[has]
+    if len(change) < 2 or change.std() == 0 or m.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(change, m)[0, 1])
+
+
 # ----------------------------------------------------------------------------- CLIP scores
 
 
@@ -240,6 +269,7 @@ METRICS_SCHEMA = pa.schema([
     ("temp_s", pa.float64()),  # clip_f x clip_t
     ("sem_a", pa.float64()),  # fraction of frames with CLIP-T(target) > CLIP-T(source); null if labels equal
     ("masked_ssim", pa.float64()),  # SSIM map over foreground pixels; null without foreground
+    ("ma_corr", pa.float64()),  # corr over frames of the scene's change with M_a; null if undefined
     ("foreground_fraction", pa.float64()),  # mask pixels / all pixels, over all frames
     ("key", pa.string()),  # this row's metrics cache key (ledger)
     ("metrics_artifact", pa.string()),
@@ -265,9 +295,11 @@ VARIANT_SCHEMA = pa.schema([
     ("temp_s", pa.float64()),
     ("clip_t", pa.float64()),
     ("clip_f", pa.float64()),
+    ("ma_corr", pa.float64()),
 ])
 METRIC_LABELS = {
     "sem_a": "Sem-A ↑", "masked_ssim": "SSIM ↑", "temp_s": "Temp-S ↑", "clip_t": "CLIP-T ↑", "clip_f": "CLIP-F ↑",
+    "ma_corr": "M_a corr ↑",
 }
 
 
@@ -312,7 +344,7 @@ def _edit_array(item: WorkItem) -> str:
 def params(cfg, target_text: str, source_text: str | None) -> dict[str, Any]:
     return {
         "prompt": cfg.stages.metrics.prompt, "target_text": target_text, "source_text": source_text,
-        "clip": model_identity(cfg, "clip"), "ssim": SSIM_SETTINGS,
+        "clip": model_identity(cfg, "clip"), "ssim": SSIM_SETTINGS, "scene_change": SCENE_CHANGE,
     }
 
 
@@ -437,13 +469,14 @@ def compute(cfg, item: WorkItem, writer: ArtifactWriter, store: ArtifactStore, s
     if "clip_t_source_frames" in scores:
         writer.write("clip_t_source", np.asarray(scores["clip_t_source_frames"], np.float32))
     writer.write("ssim", per_frame.astype(np.float32))
+    corr = scene_change_correlation(source, edited, mask, _read(store, item, "edit", "magnitude")[:n])
 
     def finite(x):
         return None if x is None or not math.isfinite(x) else float(x)
 
     writer.set_attrs(
         clip_t=finite(scores["clip_t"]), clip_f=finite(scores["clip_f"]), temp_s=finite(scores["temp_s"]),
-        sem_a=finite(scores["sem_a"]), masked_ssim=finite(ssim), num_frames=len(edited),
+        sem_a=finite(scores["sem_a"]), masked_ssim=finite(ssim), ma_corr=finite(corr), num_frames=len(edited),
         foreground_fraction=float(mask.mean()), target_text=p["target_text"], source_text=p["source_text"],
         ssim_settings=SSIM_SETTINGS,
     )
@@ -491,8 +524,8 @@ def metrics_rows(store: ArtifactStore, items: Iterable[WorkItem]) -> list[dict[s
             video_id=it.video_id, audio_id=it.audio_id, variant=it.variant, variant_name=variant_name(it.variant),
             key=it.key.key, metrics_artifact=it.artifact,
             **{k: p.get(k) for k in _PAYLOAD_COLUMNS},
-            **{k: attrs.get(k) for k in ("clip_t", "clip_f", "temp_s", "sem_a", "masked_ssim", "num_frames",
-                                         "foreground_fraction")},
+            **{k: attrs.get(k) for k in ("clip_t", "clip_f", "temp_s", "sem_a", "masked_ssim", "ma_corr",
+                                         "num_frames", "foreground_fraction")},
         )
         rows.append(row)
     return rows
@@ -516,7 +549,7 @@ def aggregate_by_variant(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
         g = groups[variant]
         out.append({
             "variant": variant, "variant_name": variant_name(variant), "edits": len(g),
-            **{m: _mean(r[m] for r in g) for m in ("sem_a", "masked_ssim", "temp_s", "clip_t", "clip_f")},
+            **{m: _mean(r.get(m) for r in g) for m in ("sem_a", "masked_ssim", "temp_s", "clip_t", "clip_f", "ma_corr")},
         })
     return pa.Table.from_pylist(out, schema=VARIANT_SCHEMA)
 

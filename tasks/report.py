@@ -51,7 +51,7 @@ from tasks.stage_task import open_store_and_ledger
 
 TABLE_IDS = ("table-by-variant", "table-per-edit")
 # Decimal places per metric, as the paper prints them (Sem-A and SSIM 4, Temp-S 2).
-_DECIMALS = {"sem_a": 4, "masked_ssim": 4, "temp_s": 2, "clip_t": 2, "clip_f": 4}
+_DECIMALS = {"sem_a": 4, "masked_ssim": 4, "temp_s": 2, "clip_t": 2, "clip_f": 4, "ma_corr": 2}
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}
@@ -171,7 +171,7 @@ def _place_media(src: Path, dst: Path, link: bool) -> None:
 
 
 def _variant_table(table_rows: Sequence[Mapping[str, Any]]) -> str:
-    metrics = ("sem_a", "masked_ssim", "temp_s", "clip_t", "clip_f")
+    metrics = ("sem_a", "masked_ssim", "temp_s", "clip_t", "clip_f", "ma_corr")
     head = "".join(f"<th>{_e(METRIC_LABELS[m])}</th>" for m in metrics)
     body = "".join(
         f"<tr><td class=l>{_e(r['variant_name'])}</td>" + "".join(f"<td>{_fmt(r[m], m)}</td>" for m in metrics)
@@ -183,7 +183,7 @@ def _variant_table(table_rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _edit_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    metrics = ("sem_a", "masked_ssim", "temp_s", "clip_t", "clip_f")
+    metrics = ("sem_a", "masked_ssim", "temp_s", "clip_t", "clip_f", "ma_corr")
     head = "".join(f"<th>{_e(METRIC_LABELS[m])}</th>" for m in metrics)
     body = "".join(
         f"<tr><td class=l>{_e(r['video_id'])}</td><td class=l>{_e(r['audio_id'])}</td>"
@@ -290,7 +290,9 @@ def _render(cfg, rows: Sequence[Mapping[str, Any]], root: Path, title: str) -> N
                  f"Tables as Parquet: <a href=\"{_url('tables/' + tables['by_variant'].name)}\">per method</a>, "
                  f"<a href=\"{_url('tables/' + tables['metrics'].name)}\">per edit</a>. "
                  "Sem-A: frames closer (CLIP) to the clip's class than to the source clip's class; "
-                 "SSIM: source vs edit over the foreground mask; Temp-S = CLIP-F × CLIP-T.</p>")
+                 "SSIM: source vs edit over the foreground mask; Temp-S = CLIP-F × CLIP-T; "
+                 "M_a corr: correlation over frames of the scene's change (outside the mask) with the M_a "
+                 "that drove each frame (louder sound, stronger change).</p>")
     parts.append("<h2>Methods (paper Tables 1-2)</h2>" + _variant_table(by_variant))
     parts.append("<h2>Edits</h2>" + _edit_table(rows))
 

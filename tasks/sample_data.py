@@ -186,6 +186,27 @@ def render_video(
     return frames, masks
 
 
+def video_id(i: int) -> str:
+    """The name of sample video i (its object; a number from the second round of objects on)."""
+    obj = VIDEO_OBJECTS[i % len(VIDEO_OBJECTS)][0]
+    return obj if i < len(VIDEO_OBJECTS) else f"{obj}-{i // len(VIDEO_OBJECTS) + 1}"
+
+
+def _clip_fields(i: int, seed: int) -> tuple[int, str, str]:
+    return i % 5 + 1, f"{seed:03d}{i:04d}", chr(ord("A") + i // len(AUDIO_CLASSES) % 26)
+
+
+def clip_id(i: int, seed: int) -> str:
+    """The id (file stem, ESC-50 naming {fold}-{source}-{take}-{target}) of sample clip i."""
+    fold, src, take = _clip_fields(i, seed)
+    return f"{fold}-{src}-{take}-{AUDIO_CLASSES[i % len(AUDIO_CLASSES)][1]}"
+
+
+def toy_source_audio(videos: int, clips: int, seed: int) -> dict[str, str]:
+    """In the toy world, video i shows the look of clip i % clips: that clip is its source audio."""
+    return {video_id(i): clip_id(i % clips, seed) for i in range(videos)}
+
+
 def write_davis(
     root: Path, num_videos: int, num_frames: int, height: int, width: int, seed: int,
     scenes: list[tuple[str, np.ndarray]] | None = None,
@@ -193,8 +214,8 @@ def write_davis(
     """Videos; with `scenes`, video i gets the look scenes[i][0] with per-frame loudness scenes[i][1]."""
     names = []
     for i in range(num_videos):
-        obj, color = VIDEO_OBJECTS[i % len(VIDEO_OBJECTS)]
-        name = obj if i < len(VIDEO_OBJECTS) else f"{obj}-{i // len(VIDEO_OBJECTS) + 1}"
+        color = VIDEO_OBJECTS[i % len(VIDEO_OBJECTS)][1]
+        name = video_id(i)
         scene, loud = scenes[i] if scenes is not None else (None, None)
         frames, masks = render_video(seed * 1000 + i, num_frames, height, width, color, scene=scene, loudness=loud)
         jdir = root / "JPEGImages" / "480p" / name
@@ -260,10 +281,8 @@ def write_esc50(root: Path, num_clips: int, seed: int, sample_rate: int = 44100)
     rows, names = [], []
     for i in range(num_clips):
         category, target, esc10 = AUDIO_CLASSES[i % len(AUDIO_CLASSES)]
-        fold = i % 5 + 1
-        src = f"{seed:03d}{i:04d}"
-        take = chr(ord("A") + i // len(AUDIO_CLASSES) % 26)
-        filename = f"{fold}-{src}-{take}-{target}.wav"
+        fold, src, take = _clip_fields(i, seed)
+        filename = f"{clip_id(i, seed)}.wav"
         sf.write(root / "audio" / filename, synthesize_clip(category, seed * 1000 + i, sample_rate), sample_rate, subtype="PCM_16")
         rows.append([filename, fold, target, category, "True" if esc10 else "False", src, take])
         names.append(filename)

@@ -235,6 +235,8 @@ def model_identity(cfg, name: str, subpath: str | None = None) -> dict[str, Any]
             trained = {("base", "vae"): "vae", ("base", None): "unet"}.get((name, subpath), name)
             if trained in toy_models.TRAINED:
                 return toy_models.identity(trained)
+            if name == "controlnet":
+                return {"preset": "tiny", "seed": cfg.models.seed, "latent_downsample": toy_models.vae_downsample()}
         return {"preset": "tiny", "seed": cfg.models.seed}  # toy: the parts not trained yet are tiny's
     path = getattr(cfg.models.paths, name)
     if path is None:

@@ -9,11 +9,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_shipped_configs_validate():
     demo = load_config(REPO / "configs" / "demo.yaml")
-    assert demo.models.preset == "tiny" and demo.missing_weights() == []
+    assert demo.models.preset == "toy" and demo.missing_weights() == []
     assert demo.workdir == (REPO / "work" / "demo").resolve()
     assert demo.catalogs.videos[0].root == (REPO / "work/demo/data/davis").resolve()
     paper = load_config(REPO / "configs" / "paper.yaml")
     assert paper.stages.audio.temperature == 0.25
+
+
+def test_shipped_demo_config_is_what_the_demo_command_runs(tmp_path):
+    """configs/demo.yaml and `audioscenic demo` (flows.cli.demo_config) run the same settings."""
+    import yaml
+
+    from flows.cli import demo_config
+
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(demo_config(tmp_path)))
+    ours, shipped = load_config(tmp_path / "a.yaml"), load_config(REPO / "configs" / "demo.yaml")
+    for part in ("models", "stages", "grid", "variants"):
+        assert getattr(ours, part) == getattr(shipped, part), part
 
 
 def test_paper_config_names_each_missing_weight():

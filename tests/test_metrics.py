@@ -72,6 +72,30 @@ def test_masked_ssim_edge_cases():
         masked_ssim(a.astype(np.float32), a, np.ones((2, 16, 16), bool))
 
 
+def test_scene_change_correlation_follows_the_loudness_and_ignores_the_object():
+    from scipy.stats import pearsonr
+
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, (6, 16, 16, 3)).astype(np.uint8)
+    mask = np.zeros((6, 16, 16), bool)
+    mask[:, 4:9, 4:9] = True
+    mag = np.array([0.2, 1.5, 0.4, 2.0, 0.9, 1.0])
+    out = src.astype(np.int64)
+    out[~mask] += np.repeat(np.round(20 * mag).astype(np.int64), (~mask).sum((1, 2)))[:, None]  # scene: +20 M_a
+    out[mask] = 255 - out[mask]  # the object changes a lot, and not with M_a
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    change = [np.abs(out[k].astype(float) - src[k])[~mask[k]].mean() for k in range(6)]
+    got = metrics.scene_change_correlation(src, out, mask, mag)
+    assert got == pytest.approx(pearsonr(change, mag).statistic, abs=1e-12) and got > 0.95
+    assert metrics.scene_change_correlation(src, out, mask, -mag) == pytest.approx(-got, abs=1e-12)
+    # undefined: a flat M_a, an unchanged scene, fewer than two frames with scene pixels
+    assert math.isnan(metrics.scene_change_correlation(src, out, mask, np.ones(6)))
+    assert math.isnan(metrics.scene_change_correlation(src, src, mask, mag))
+    assert math.isnan(metrics.scene_change_correlation(src[:1], out[:1], mask[:1], mag[:1]))
+    with pytest.raises(ValueError, match="do not agree"):
+        metrics.scene_change_correlation(src, out, mask, mag[:5])
+
+
 def test_clip_f_of_identical_frames_is_one_and_temp_s_is_the_product():
     frame = torch.randn(16)
     s = clip_scores(frame.repeat(5, 1) * torch.arange(1, 6)[:, None], torch.randn(16))  # norms differ, directions not
@@ -181,7 +205,7 @@ def _setup(tmp_path):
                         variant="full")
         edited = src.copy()
         edited[~mask] = rng.integers(0, 256, (int((~mask).sum()), 3))
-        store.write(item.artifact, key.key, {"frames": edited})
+        store.write(item.artifact, key.key, {"frames": edited, "magnitude": rng.uniform(0.2, 3, F).astype(np.float32)})
         edits.append(item)
         arrays[aid] = edited
     return cfg, catalog, store, ledger, edits, src, mask, arrays
@@ -207,6 +231,12 @@ def test_metrics_stage_scores_each_edit_and_plans_from_the_ledger(tmp_path):
         assert fire[k] == pytest.approx(expect[k], abs=1e-4), k
     assert fire["source_label"] == "rain" and fire["target_text"] == "a photo of crackling fire"
     assert rows["rain-1"]["sem_a"] is None  # the clip's class is the source class: Sem-A is undefined
+    # M_a corr: Pearson's r (scipy) of the scene's per-frame mean |change| with the edit's stored M_a
+    from scipy.stats import pearsonr
+
+    mag = store.read(edits[1].artifact, edits[1].key.key, names=["magnitude"])["magnitude"]
+    change = [np.abs(arrays["fire-1"][k].astype(float) - src[k])[~mask[k]].mean() for k in range(len(src))]
+    assert fire["ma_corr"] == pytest.approx(pearsonr(change, mag).statistic, abs=1e-9)
 
     paths = metrics.write_metrics_tables(cfg, list(rows.values()))
     table = metrics.read_table(paths["metrics"])

@@ -51,6 +51,8 @@ def ablation(prefect_server, sample_data, tmp_path_factory):
     """The demo config on the session's sample data (2 videos x 4 clips, 8 frames), 32 px, four variants."""
     work = tmp_path_factory.mktemp("ablation")
     cfg = demo_config(work)
+    cfg["models"] = {"preset": "tiny"}  # the report's mechanics, not the toy preset's figures
+    cfg.pop("grid")
     cfg["catalogs"] = {"videos": [{"kind": "davis", "root": str(sample_data.davis_root)}],
                        "audio": [{"kind": "esc50", "root": str(sample_data.esc50_root)}]}
     cfg["stages"] = {"video": {"resolution": 32, "mask_source": "dataset"}, "inversion": {"steps": 4},

@@ -4,19 +4,15 @@ Four toy-world videos (ball: rain look, car: crackling fire, dog: sea waves, kit
 birds), each fine-tuned with the clip of its own look (grid.source_audio) and edited with the
 clip of another class, by the full method, "w/o TASI" and "w/o SceneMasker". Masks come
 from the data set (the toy world ships exact object masks; the mask models are still the
-tiny preset's random ones). Guidance 3.0 (the scale scripts/train_toy.py measures with), 20
-DDIM steps, 30 fine-tuning steps, 64 px.
+tiny preset's random ones). Guidance 2.5 (the demo's, flows.cli.DEMO_GUIDANCE), 20 DDIM
+steps, 30 fine-tuning steps at the paper's learning rate, 64 px.
 
-Checked (the issue's bars that the toy preset reaches):
+Checked (issue 18's bars):
 - the full method's mean Sem-A (target class against the source clip's class) >= 0.75;
 - "w/o TASI" has a lower mean Sem-A than the full method;
-- the full method keeps the object better than "w/o SceneMasker" (mean masked SSIM).
-
-Measured and printed, not asserted (not reached, README "The toy preset"): the full
-method's masked SSIM (about 0.63 here; the issue asks >= 0.8, above the toy VAE's own
-reconstruction, about 0.78) and the correlation of the per-frame scene change with M_a
-(the Magnitude Modulator starts at zero and 30 fine-tuning steps leave it near zero; the
-U-Net was trained on single frames, so nothing ties the change to loudness yet).
+- the full method's mean masked SSIM >= 0.8, and above "w/o SceneMasker"'s;
+- the per-frame change of the scene correlates positively with M_a (the metrics stage's
+  ma_corr, mean over the full method's edits, above 0.3).
 """
 from __future__ import annotations
 
@@ -26,6 +22,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+
+from flows.cli import DEMO_GUIDANCE
 
 CLIPS = {"ball": "1-0000000-A-10", "car": "2-0000001-A-12", "dog": "3-0000002-A-11", "kite": "4-0000003-A-14"}
 TARGET = {"ball": "car", "car": "ball", "dog": "kite", "kite": "dog"}  # edit video v with the clip of TARGET[v]
@@ -39,26 +37,13 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _scene_change_corr(store, row) -> float:
-    """corr over frames of (mean |edited - source| over the scene) with the M_a that drove each frame."""
-    e = store.read(row["edit_artifact"], row["edit_key"])
-    frames = e[row["edit_array"] or "frames"].astype(np.float64)
-    n = len(frames)
-    src = store.read(row["frames_artifact"], row["frames_key"], names=["frames"])["frames"][:n].astype(np.float64)
-    masks = store.read(row["masks_artifact"], row["masks_key"], names=["masks"])["masks"][:n] > 0.5
-    change = np.array([np.abs(frames[k] - src[k]).mean(-1)[~masks[k]].mean() for k in range(n)])
-    mag = e["magnitude"]
-    return float(np.corrcoef(change, mag)[0, 1]) if change.std() > 0 and mag.std() > 0 else float("nan")
-
-
-@pytest.mark.heavy(100)
+@pytest.mark.heavy(120)
 def test_toy_edits_follow_the_sound_and_keep_the_object(prefect_server, tmp_path, capsys):
     import yaml
 
     from flows.cli import main
     from tasks.config import load_config
     from tasks.sample_data import write_sample_data
-    from tasks.stage_task import open_store_and_ledger
 
     data = write_sample_data(tmp_path / "data", videos=4, clips=4, seed=0, frames=8, world="toy")
     config = {
@@ -68,7 +53,7 @@ def test_toy_edits_follow_the_sound_and_keep_the_object(prefect_server, tmp_path
         "models": {"preset": "toy"},
         "stages": {"video": {"resolution": 64, "mask_source": "dataset"}, "inversion": {"steps": 20},
                    "finetune": {"steps": 30, "variants": ["full", "no_tasi", "no_scene_masker"]},
-                   "windows": {"window": 8, "overlap": 2}, "edit": {"guidance_scale": 3.0}},
+                   "windows": {"window": 8, "overlap": 2}, "edit": {"guidance_scale": DEMO_GUIDANCE}},
         "grid": {"selection": "pairs", "source_audio": CLIPS,
                  "subsets": {"pairs": {"pairs": [[v, CLIPS[t]] for v, t in TARGET.items()]}}},
     }
@@ -79,15 +64,16 @@ def test_toy_edits_follow_the_sound_and_keep_the_object(prefect_server, tmp_path
     cfg = load_config(path)
     rows = pq.read_table(str(cfg.workdir / "metrics" / "metrics.parquet")).to_pylist()
     assert len(rows) == 12
-    store, _ = open_store_and_ledger(cfg)
     by = {}
     for r in rows:
         assert r["target_label"] != r["source_label"]
-        r["corr"] = _scene_change_corr(store, r)
         by.setdefault(r["variant"], []).append(r)
-    fig = {v: {k: float(np.mean([r[k] for r in rs])) for k in ("sem_a", "masked_ssim", "corr")} for v, rs in by.items()}
+    fig = {v: {k: float(np.mean([r[k] for r in rs])) for k in ("sem_a", "masked_ssim", "ma_corr")}
+           for v, rs in by.items()}
     with capsys.disabled():
         print("toy pipeline, means over 4 edits:", json.dumps(fig))
     assert fig["full"]["sem_a"] >= 0.75
     assert fig["no_tasi"]["sem_a"] < fig["full"]["sem_a"]
+    assert fig["full"]["masked_ssim"] >= 0.8
     assert fig["full"]["masked_ssim"] > fig["no_scene_masker"]["masked_ssim"]
+    assert fig["full"]["ma_corr"] > 0.3

@@ -619,3 +619,56 @@ def test_other_attention_processors_keep_sparse_causal_attention(base, inputs):
     assert maxdiff(run(model, inputs), ref) <= TOL
     model.unet.set_attn_processor(AttnProcessor())
     assert maxdiff(run(model, inputs), ref) <= TOL
+
+
+def test_part_init_beside_a_base_is_loaded_for_every_variant(base, inputs, tmp_path):
+    """A base folder may ship initial weights of the inflated parts (the toy preset's trained Magnitude
+    Modulator): from_pretrained loads them; variants without that part skip them; a fine-tuned
+    trainable file still wins; tensors of the 2D U-Net, or of another architecture, are refused."""
+    from safetensors.torch import save_file
+
+    from models.unet3d_io import PART_INIT_FILE, load_part_init, save_part_init
+
+    root = tmp_path / "base"
+    base.save_pretrained(str(root / "unet"))
+    trained = make(base)
+    perturb(trained, "magnitude_modulator", seed=7)
+    mm = {k: v for k, v in trained.named_parameters() if ".magnitude_modulator." in k}
+    save_part_init(mm, root / PART_INIT_FILE)
+
+    loaded = from_pretrained(root)
+    assert all(torch.equal(dict(loaded.named_parameters())[k], v) for k, v in mm.items())
+    assert torch.equal(run(loaded, inputs), run(trained, inputs))
+    assert maxdiff(run(loaded, inputs), run(make(base), inputs)) > 1e-3  # the MM acts on the audio rows
+    without = from_pretrained(root, magnitude_modulator=False)  # the part is off: its init is skipped
+    assert torch.equal(run(without, inputs), run(make(base, magnitude_modulator=False), inputs))
+
+    tuned = make(base)
+    perturb(tuned, "magnitude_modulator", "temporal_conv", seed=9)
+    ft = save_trainable(tuned, tmp_path / "ft.safetensors")
+    assert torch.equal(run(from_pretrained(root, trainable=ft), inputs), run(tuned, inputs))
+
+    with pytest.raises(ValueError, match="only the inflated parts"):
+        save_part_init({"unet.conv_in.weight": base.conv_in.weight}, tmp_path / "x.safetensors")
+    k = next(iter(mm))
+    save_file({k: torch.zeros(3, 3)}, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match="shape mismatch"):
+        load_part_init(make(base), tmp_path / "shape.safetensors")
+    save_file({"unet.nowhere.magnitude_modulator.proj.weight": torch.zeros(2, 2)}, str(tmp_path / "alien.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match="blocks the model lacks"):
+        load_part_init(make(base), tmp_path / "alien.safetensors")
+
+
+def test_tiny_controlnet_conditioning_matches_the_vae_downsampling(base):
+    """The depth map comes at frame resolution; the ControlNet's conditioning embedding must bring it to the
+    latent grid, whatever the VAE's downsampling (the toy VAE's latents are 1/4 of the frame)."""
+    model = make(base)
+    for down in (8, 4):
+        cn = build_controlnet("tiny", seed=0, latent_downsample=down)
+        x = torch.randn(1, 4, 2, 8, 8)
+        depth = torch.rand(1, 3, 2, 8 * down, 8 * down)
+        d, m = controlnet_residuals(cn, x, 5, torch.randn(1, 5, 32), depth)
+        out = model(x, 5, torch.randn(1, 5, 32), down_block_additional_residuals=d, mid_block_additional_residual=m)
+        assert out.sample.shape == x.shape
+    with pytest.raises(ValueError, match="latent_downsample"):
+        build_controlnet("tiny", latent_downsample=3)
